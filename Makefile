@@ -1,0 +1,27 @@
+# memoryformer — every user-facing command. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PYTHONPATH :=
+
+.PHONY: help setup test test-all lint
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# Idempotent: re-installs only when pyproject.toml or constraints.txt change. Plain pip with the lock as
+# constraints, so torch stays the CPU build on disk (uv/poetry would fetch a CUDA build).
+setup: $(STAMP)  ## create .venv and install the pinned stack
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+test: setup  ## the default test suite (offline, < ~10 min on 2 cores)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup  ## every test, slow ones included
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check src tests scripts benchmarks

@@ -1,0 +1,33 @@
+"""Hydra/OmegaConf glue shared by every entry point: resolvers and composing ``conf/`` from Python.
+
+``conf/`` at the project root is the one configuration tree; scripts use it through ``@hydra.main`` and
+tests or notebooks through :func:`compose_config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from memoryformer.paths import PROJECT_ROOT, shared_data_dir
+
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def register_resolvers() -> None:
+    """``${shared_data:SUBPATH}`` → absolute path under the shared data directory ($MEMORYFORMER_DATA or
+    ../shared/data); ``${project_root:SUBPATH}`` → absolute path under the repository."""
+    if not OmegaConf.has_resolver("shared_data"):
+        OmegaConf.register_new_resolver("shared_data", lambda sub="": str(shared_data_dir() / sub))
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda sub="": str(PROJECT_ROOT / sub))
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The composed config of ``conf/<config_name>.yaml`` with Hydra command-line style overrides."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
