@@ -1,0 +1,206 @@
+"""The fused Triton lookup (spec §1) against the float64 reference: forward, all gradients, both table-grad modes.
+
+On this CPU machine the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), where every
+program costs milliseconds, so shapes are small. With TRITON_INTERPRET=0 on a GPU the same tests run on CUDA.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton backend needs the `triton` package")
+
+from memoryformer.kernels import memory_lookup_reference
+from memoryformer.kernels import triton as triton_backend
+from memoryformer.kernels.triton import memory_lookup_triton, triton_available
+
+DEVICE = "cpu" if triton_backend.kernels.INTERPRETED else "cuda"
+if not triton_available():
+    pytest.skip("Triton imports but has neither a CUDA device nor TRITON_INTERPRET=1", allow_module_level=True)
+
+f64 = torch.float64
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """Tolerance for a result returned in ``dtype`` (fp32 accumulation inside the kernel)."""
+    if dtype == f64:
+        return {"rtol": 1e-12, "atol": 1e-12}
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 2e-5}
+    if dtype == torch.float16:
+        return {"rtol": 2e-3, "atol": 2e-3}  # one rounding of an fp32 result
+    return {"rtol": 1e-2, "atol": 1e-2}  # bfloat16: one rounding of an fp32 result
+
+
+def make_inputs(num_tokens, tau, num_chunks, out_features, x_dtype, table_dtype, with_bias):
+    """Random inputs with exact zeros in x (z = 0 is bit 1 and has zero gradient through |z|)."""
+    x = torch.randn(num_tokens, num_chunks * tau, dtype=x_dtype, device=DEVICE)
+    x = x.masked_fill(torch.rand(x.shape, device=DEVICE) < 0.2, 0.0)
+    tables = torch.randn(num_chunks << tau, out_features, dtype=table_dtype, device=DEVICE)
+    bias = torch.randn(out_features, dtype=table_dtype, device=DEVICE) if with_bias else None
+    return x, tables, bias
+
+
+def lookup_and_grads(fn, inputs, grad_y, *args, **kwargs):
+    """y and the gradients of L = ⟨y, grad_y⟩ for the inputs (x, tables, bias) that are not None."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    y = fn(*leaves, *args, **kwargs)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y.to(y.dtype))
+    return y, grads
+
+
+def assert_matches_reference(x, tables, bias, tau, score="l1", temperature=1.0, **kwargs):
+    inputs = (x, tables, bias)
+    grad_y = torch.randn(x.shape[0], tables.shape[1], dtype=f64, device=DEVICE)
+    y, grads = lookup_and_grads(memory_lookup_triton, inputs, grad_y, tau, score, temperature, **kwargs)
+    wide = [None if t is None else t.double() for t in inputs]
+    y_ref, grads_ref = lookup_and_grads(memory_lookup_reference, wide, grad_y, tau, score, temperature)
+    assert y.dtype == (f64 if x.dtype == f64 else torch.float32)
+    torch.testing.assert_close(y.double(), y_ref, **tolerance(y.dtype))
+    for name, grad, grad_ref, like in zip(("x", "tables", "bias"), grads, grads_ref, inputs, strict=False):
+        assert grad.dtype == like.dtype, name
+        torch.testing.assert_close(grad.double(), grad_ref, **tolerance(grad.dtype), msg=lambda m, n=name: f"{n}: {m}")
+
+
+# (tau, tokens, chunks, out_features, score, temperature, x dtype, tables dtype, bias): tokens and out_features
+# are chosen off the 32-token / 16..128-feature tiles; 200 features span two feature tiles.
+CASES = {
+    "tau2-l1": (2, 70, 3, 40, "l1", 1.0, torch.float32, torch.float32, True),
+    "tau4-paper-nobias": (4, 7, 4, 72, "paper", 0.7, torch.float32, torch.float32, False),
+    "tau8-bf16-tables-2tiles": (8, 70, 2, 200, "l1", 1.0, torch.float32, torch.bfloat16, True),
+    "tau10-paper-one-token": (10, 1, 2, 40, "paper", 2.0, torch.float32, torch.float32, True),
+    "tau10-fp16-tables": (10, 70, 2, 72, "l1", 1.0, torch.float32, torch.float16, False),
+    "tau4-bf16-input": (4, 70, 3, 40, "paper", 1.0, torch.bfloat16, torch.bfloat16, True),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_reference(case, deterministic):
+    tau, num_tokens, num_chunks, out_features, score, temperature, x_dtype, table_dtype, with_bias = case
+    x, tables, bias = make_inputs(num_tokens, tau, num_chunks, out_features, x_dtype, table_dtype, with_bias)
+    assert_matches_reference(x, tables, bias, tau, score, temperature, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("score", ["l1", "paper"])
+def test_float64_matches_reference_to_rounding(score):
+    x, tables, bias = make_inputs(40, 4, 3, 24, f64, f64, True)
+    assert_matches_reference(x, tables, bias, 4, score, 0.7)
+
+
+def test_tau_16_codes_are_exact():
+    """Codes up to 65535 address the right rows (integer ops; a float16 code would round)."""
+    x = torch.where(torch.rand(7, 16, device=DEVICE) > 0.5, 1.0, -1.0)
+    tables = torch.arange(2**16, dtype=torch.float32, device=DEVICE)[:, None].repeat(1, 16)
+    y = memory_lookup_triton(x, tables, None, 16)
+    expected = memory_lookup_reference(x.double(), tables.double(), None, 16)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True)], ids=["x-only", "tables-and-bias"])
+def test_partial_gradients(needs):
+    x, tables, bias = make_inputs(7, 4, 2, 40, torch.float32, torch.float32, True)
+    leaves = [t.requires_grad_(need) for t, need in zip((x, tables, bias), needs, strict=True)]
+    memory_lookup_triton(*leaves, 4).sum().backward()
+    x_ref, tables_ref, bias_ref = (
+        t.detach().double().requires_grad_(need) for t, need in zip(leaves, needs, strict=True)
+    )
+    memory_lookup_reference(x_ref, tables_ref, bias_ref, 4).sum().backward()
+    for leaf, ref in zip(leaves, (x_ref, tables_ref, bias_ref), strict=True):
+        assert (leaf.grad is None) == (ref.grad is None)
+        if ref.grad is not None:
+            torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=2e-5)
+
+
+def test_no_tokens():
+    x = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    tables = torch.randn(2 << 4, 5, device=DEVICE, requires_grad=True)
+    bias = torch.randn(5, device=DEVICE)
+    y = memory_lookup_triton(x, tables, bias, 4)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8) and not tables.grad.any()
+
+
+# --- deterministic table gradients -----------------------------------------------------------------
+
+
+def table_grad(x, tables, bias, deterministic):
+    """∂L/∂tables for L = Σ y (τ = 2); the gradient reaching the kernel is an expanded, stride-0 tensor."""
+    tables = tables.detach().requires_grad_()
+    y = memory_lookup_triton(x, tables, bias, 2, deterministic=deterministic)
+    return torch.autograd.grad(y.sum(), tables)[0]
+
+
+def test_deterministic_table_grads_repeat_bit_for_bit_and_agree_with_atomics():
+    # τ = 2 with 70 tokens: every row is hit ~17 times, so the order of the additions matters.
+    x, tables, bias = make_inputs(70, 2, 3, 40, torch.float32, torch.float32, True)
+    first, second = (table_grad(x, tables, bias, deterministic=True) for _ in range(2))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(table_grad(x, tables, bias, deterministic=False), first, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_mode_follows_env_and_torch(monkeypatch):
+    calls = []
+    segment_scatter = triton_backend._segment_scatter
+    monkeypatch.setattr(triton_backend, "_segment_scatter", lambda *a: calls.append(1) or segment_scatter(*a))
+    x, tables, bias = make_inputs(7, 2, 1, 16, torch.float32, torch.float32, False)
+
+    monkeypatch.setenv("MEMORYFORMER_DETERMINISTIC", "0")
+    table_grad(x, tables, bias, deterministic=None)
+    assert not calls
+    monkeypatch.setenv("MEMORYFORMER_DETERMINISTIC", "1")
+    table_grad(x, tables, bias, deterministic=None)
+    assert len(calls) == 1
+    monkeypatch.setenv("MEMORYFORMER_DETERMINISTIC", "0")
+    torch.use_deterministic_algorithms(True)
+    try:
+        table_grad(x, tables, bias, deterministic=None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(calls) == 2
+    monkeypatch.setenv("MEMORYFORMER_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="MEMORYFORMER_DETERMINISTIC must be 0 or 1"):
+        table_grad(x, tables, bias, deterministic=None)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x_shape, table_shape, bias_shape, tau, match",
+    [
+        ((3, 10), (2 << 4, 8), None, 4, r"input width 10 is not divisible by tau=4"),
+        ((3, 8), (16, 8), None, 4, r"tables must be \[K·2\^tau, h\] = \[2·2\^4 = 32, h\].*got shape \(16, 8\)"),
+        ((3, 8), (2 << 4, 8), (7,), 4, r"bias must be \[h\] = \[8\]"),
+        ((3, 34), (2 << 17, 1), None, 17, r"supports integer tau in 1..16"),
+        ((2, 3, 8), (2 << 4, 8), None, 4, r"x must be \[N, K·tau\] \(flatten leading dimensions first\)"),
+    ],
+)
+def test_bad_shapes(x_shape, table_shape, bias_shape, tau, match):
+    bias = None if bias_shape is None else torch.zeros(bias_shape, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        memory_lookup_triton(torch.zeros(x_shape, device=DEVICE), torch.zeros(table_shape, device=DEVICE), bias, tau)
+
+
+def test_bad_dtype_device_and_score():
+    tables = torch.zeros(2 << 4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be one of"):
+        memory_lookup_triton(torch.zeros(3, 8, dtype=torch.int64, device=DEVICE), tables, None, 4)
+    with pytest.raises(ValueError, match="must be on one device"):
+        memory_lookup_triton(torch.zeros(3, 8, device="meta"), tables, None, 4)
+    with pytest.raises(ValueError, match="score must be one of"):
+        memory_lookup_triton(torch.zeros(3, 8, device=DEVICE), tables, None, 4, score="softmax")
+
+
+def test_kernels_compile_for_cuda(tmp_path):
+    """The NVIDIA backend accepts every kernel specialization (TTIR → PTX → cubin with the wheel's ptxas)."""
+    env = os.environ | {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "memoryformer.kernels.triton.compile_check", "--arch", "80"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kernel in ("forward", "backward", "segment scatter"):
+        assert f"sm_80 ok: {kernel}" in result.stdout
