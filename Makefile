@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint
+.PHONY: help setup test test-all lint flops
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -25,3 +25,6 @@ test-all: setup  ## every test, slow ones included
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check src tests scripts benchmarks
+
+flops: setup  ## Table 1 FLOPs rows, model sizes and Figure 1 into results/flops
+	$(PY) scripts/flops.py
