@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint flops
+.PHONY: help setup test test-all lint flops data
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -28,3 +28,6 @@ lint: setup  ## ruff
 
 flops: setup  ## Table 1 FLOPs rows, model sizes and Figure 1 into results/flops
 	$(PY) scripts/flops.py
+
+data: setup  ## tokenize the configured corpus into data/prepared/ (Hydra overrides in ARGS)
+	$(PY) scripts/prepare_data.py $(ARGS)

@@ -1,0 +1,42 @@
+"""Data pipeline (spec §4, "Data"): the GPT-NeoX-20B tokenizer, Megatron/GPT-NeoX indexed datasets (the format of
+Pythia's pre-tokenized Pile), corpus preparation, and packed training samples with an exact resume position."""
+
+from memoryformer.data.build import build_datasets, corpus_key, prepare_configured_corpus
+from memoryformer.data.indexed_dataset import (
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    token_dtype,
+)
+from memoryformer.data.prepare import (
+    PrepareStats,
+    expand_sources,
+    in_validation_split,
+    prepare_corpus,
+    read_documents,
+    tokenize_documents,
+)
+from memoryformer.data.samples import PackedSamples, sample_indices
+from memoryformer.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+__all__ = [
+    "DTYPE_CODES",
+    "IndexedDataset",
+    "IndexedDatasetError",
+    "IndexedDatasetWriter",
+    "PackedSamples",
+    "PrepareStats",
+    "build_datasets",
+    "corpus_key",
+    "expand_sources",
+    "in_validation_split",
+    "load_tokenizer",
+    "prepare_configured_corpus",
+    "prepare_corpus",
+    "read_documents",
+    "sample_indices",
+    "token_dtype",
+    "tokenize_documents",
+    "tokenizer_fingerprint",
+]
