@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint flops data
+.PHONY: help setup test test-all lint flops data eval tables
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -31,3 +31,9 @@ flops: setup  ## Table 1 FLOPs rows, model sizes and Figure 1 into results/flops
 
 data: setup  ## tokenize the configured corpus into data/prepared/ (Hydra overrides in ARGS)
 	$(PY) scripts/prepare_data.py $(ARGS)
+
+eval: setup  ## zero-shot lm-eval, six tasks: make eval [CKPT=dir|hub-id] [REVISION=step93000] [TASKS=piqa,wsc] [LIMIT=n] [NAME=pythia-70m]
+	$(PY) scripts/evaluate.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(REVISION),revision=$(REVISION)) $(if $(TASKS),eval.tasks=[$(TASKS)]) $(if $(LIMIT),eval.limit=$(LIMIT)) $(if $(NAME),model_name=$(NAME))
+
+tables: setup  ## merge eval results into one Table 1: make tables [RESULTS=results/eval/a,runs/x/eval]
+	$(PY) scripts/make_tables.py $(if $(RESULTS),results=[$(RESULTS)])

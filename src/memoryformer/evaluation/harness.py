@@ -1,0 +1,202 @@
+"""Zero-shot evaluation of a checkpoint with lm-eval-harness (spec §6): the model adapter and ``make eval``.
+
+The scores are lm-eval's own: the model is wrapped in its ``HFLM`` class and run through ``simple_evaluate`` on
+the local tasks of :mod:`memoryformer.evaluation.tasks`. A checkpoint is a directory in Hugging Face format (our
+MemoryFormer or Pythia-architecture runs, any GPT-NeoX model), a hub id with a revision (online only), or a model
+object in memory (the trainer's ``eval_at_end``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memoryformer.evaluation.tables import RESULTS_FILE, summary_metrics, write_tables
+from memoryformer.evaluation.tasks import PAPER_TASKS, load_tasks
+from memoryformer.paths import PROJECT_ROOT, shared_data_dir
+from memoryformer.reporting import write_text_atomic
+
+if TYPE_CHECKING:
+    from lm_eval.models.huggingface import HFLM
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+RESULTS_DIR = PROJECT_ROOT / "results" / "eval"
+LATEST_FILE = "LATEST"  # <runs_dir>/LATEST: the absolute path of the newest run's saved model, one line
+DEFAULT_TOKENIZER = "tokenizers/gpt-neox-20b"  # under the shared data directory; every model here uses it
+# lm-eval probes "auto" batch sizes by running its longest request at up to max_batch_size (64) and halving on
+# out-of-memory errors. A CPU never raises one (it swaps, or the process is killed), and 64 sequences × 50k-way
+# logits are gigabytes, so on CPU "auto" means this fixed size instead.
+CPU_BATCH_SIZE = 8
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def latest_checkpoint(runs_dir: str | os.PathLike) -> Path:
+    """The model directory of the newest ``make pretrain`` run, as recorded in ``<runs_dir>/LATEST``."""
+    latest = Path(runs_dir) / LATEST_FILE
+    if not latest.is_file():
+        raise FileNotFoundError(
+            f"no trained model to evaluate: {latest} does not exist; run `make pretrain` first or pass "
+            f"CKPT=<model directory or hub id>"
+        )
+    path = Path(latest.read_text(encoding="utf-8").strip())
+    if not path.is_dir():
+        raise FileNotFoundError(f"{latest} names {path}, which does not exist; run `make pretrain` again or pass CKPT=")
+    return path
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
+    """A local model directory (as an absolute path) or a hub id, or a clear error saying what is wrong."""
+    path = Path(checkpoint).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a Hugging Face model directory (no config.json); pass the `model/` directory a "
+                f"run saved (runs/<run>/model) or any directory written by save_pretrained"
+            )
+        return str(path.resolve())
+    if not _HUB_ID.match(str(checkpoint)):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing model directory or a hub id")
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r} is not a local directory, and as a Hugging Face hub id it cannot be "
+            f"fetched because HF_HUB_OFFLINE is set; unset it (online) or pass a local model directory"
+        )
+    return str(checkpoint)
+
+
+def default_model_name(checkpoint: str | os.PathLike | PreTrainedModel, revision: str | None = None) -> str:
+    """The row name of a checkpoint: its run's name, the hub model's name (with ``@revision``), or the config's."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        name_or_path = str(getattr(checkpoint, "name_or_path", "") or "")
+        return Path(name_or_path).name or checkpoint.config.model_type
+    path = Path(checkpoint)
+    if path.exists():
+        path = path.resolve()
+        return path.parent.name if path.name == "model" else path.name  # runs/<run>/model → <run>
+    return path.name + (f"@{revision}" if revision else "")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_lm(
+    model: str | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    batch_size: int | str = "auto",
+    device: str | None = None,
+    revision: str | None = None,
+) -> HFLM:
+    """lm-eval's ``HFLM`` around a model directory, a hub id or a model object (the adapter).
+
+    A model object is evaluated where it is (device is ignored). A local directory without tokenizer files, or a
+    model object without a tokenizer, gets the GPT-NeoX-20B tokenizer from the shared data directory; a hub
+    model gets its own. ``batch_size="auto"`` becomes :data:`CPU_BATCH_SIZE` on CPU.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    import memoryformer.models  # noqa: F401  (registers MemoryFormer with AutoConfig / AutoModelForCausalLM)
+    from memoryformer.data.tokenizer import load_tokenizer
+
+    is_object = not isinstance(model, str)
+    local_dir = None if is_object or not Path(model).is_dir() else Path(model)
+    if tokenizer is None and (is_object or local_dir is not None):
+        has_own = local_dir is not None and any((local_dir / name).is_file() for name in _TOKENIZER_FILES)
+        tokenizer = load_tokenizer(local_dir if has_own else shared_data_dir() / DEFAULT_TOKENIZER)
+    device = str(model.device) if is_object else (device or _default_device())
+    if batch_size == "auto" and device.startswith("cpu"):
+        batch_size = CPU_BATCH_SIZE
+    kwargs: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
+    if not is_object:
+        kwargs |= {"device": device, "revision": revision or "main"}
+    return HFLM(**kwargs)
+
+
+def model_info(lm: HFLM, name: str, checkpoint: str | None, revision: str | None, limit: int | None) -> dict:
+    """What the tables need about the evaluated model: its shape and FLOPs per block at s = 2048 (spec §5).
+
+    (lm-eval's own ``config`` section of the results already records the parameter count and dtype.)
+    """
+    from memoryformer.flops import PAPER_SEQ_LEN, block_flops
+
+    config = lm.model.config
+    flops = block_flops(config, PAPER_SEQ_LEN)
+    return {
+        "name": name,
+        "checkpoint": checkpoint,
+        "revision": revision,
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "flops_seq_len": PAPER_SEQ_LEN,
+        "flops_without_attention": flops.without_attention,
+        "flops_total": flops.total,
+        "limit": limit,
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike | PreTrainedModel,
+    tasks: Sequence[str] = PAPER_TASKS,
+    limit: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int | str = "auto",
+    device: str | None = None,
+    revision: str | None = None,
+    model_name: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate ``checkpoint`` zero-shot on ``tasks``; write results JSON, markdown and CSV; return the results.
+
+    ``checkpoint`` is a model directory, a hub id (with ``revision``, online only) or a model object (evaluated
+    in place; its train/eval mode is restored afterwards). ``limit`` evaluates only the first documents of each
+    task (smoke tests; the numbers are then not comparable). ``output_dir`` defaults to
+    ``results/eval/<model_name>``, ``data_dir`` to the shared eval data. The results are lm-eval's dict plus
+    ``model_info`` (see :func:`model_info`) and ``summary`` (flat ``<task>/acc`` numbers for trackers). Under a
+    multi-process launcher only rank 0 writes and gets results.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of documents per task or None, got {limit!r}")
+    # Fail early: the tasks and their files are checked before any model is loaded.
+    task_objects = load_tasks(list(tasks), shared_data_dir() / "eval" if data_dir is None else data_dir)
+    is_object = not isinstance(checkpoint, (str, os.PathLike))
+    source = None if is_object else resolve_checkpoint(checkpoint)
+    model_name = model_name or default_model_name(checkpoint, revision)
+    output_dir = Path(output_dir) if output_dir is not None else RESULTS_DIR / model_name
+
+    was_training = is_object and checkpoint.training  # HFLM switches the model to eval mode
+    try:
+        lm = build_lm(checkpoint if is_object else source, tokenizer, batch_size, device, revision)
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(task_objects.values()),
+            task_manager=TaskManager(include_defaults=False),
+            num_fewshot=0,
+            limit=limit,
+            log_samples=False,
+        )
+    finally:
+        if is_object:
+            checkpoint.train(was_training)
+    if results is None:  # not rank 0
+        return None
+    results["model_info"] = model_info(lm, model_name, source, revision, limit)
+    results["summary"] = summary_metrics(results)
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    write_text_atomic(output_dir / RESULTS_FILE, text + "\n")
+    write_tables([results], output_dir)
+    return json.loads(text)  # what was written: JSON types only, identical to the file
