@@ -15,5 +15,6 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rms = x.float().pow(2).mean(-1, keepdim=True).sqrt()
-        return (self.scale * (x.float() / (rms + self.eps))).to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics for 16-bit inputs
+        rms = wide.pow(2).mean(-1, keepdim=True).sqrt()
+        return (self.scale * (wide / (rms + self.eps))).to(x.dtype)

@@ -1,0 +1,233 @@
+"""MemoryFormer as a transformers causal language model (spec §3).
+
+Block (sequential pre-norm, the authors' code):
+    a = RMSNorm(x);  Q, K, V = Memory Layers sharing one hash of a;  rotary on 25% of each head;
+    o = causal softmax(Q Kᵀ/√d_head) V, heads concatenated, no W_O;  x = x + o
+    x = x + MemoryBlock(RMSNorm(x))
+Model: dense token embedding → blocks → RMSNorm → untied dense head d → V (the only fully-connected layer).
+
+This file is also shipped inside every saved checkpoint (see ``export.py``), so it imports only from the
+``memoryformer`` modules that are bundled with it, torch and transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from memoryformer.layers.attention import MemoryAttention, RotaryEmbedding
+from memoryformer.layers.memory_layer import MemoryBlock, MemoryLayer
+from memoryformer.layers.norms import RMSNorm
+from memoryformer.models.configuration_memoryformer import MemoryFormerConfig
+from memoryformer.models.export import write_remote_code
+from memoryformer.models.init import small_init_std
+
+
+class MemoryFormerBlock(GradientCheckpointingLayer):
+    """One MemoryFormer block: shared-hash attention and a Memory Block, each behind a pre-norm residual."""
+
+    def __init__(self, config: MemoryFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        lookup = {"score": config.score, "temperature": config.temperature, "backend": config.lookup_backend}
+        self.attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention = MemoryAttention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.tau,
+            layer_idx,
+            table_std=small_init_std(config.hidden_size),
+            **lookup,
+        )
+        self.memory_block_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.memory_block = MemoryBlock(
+            config.hidden_size,
+            config.tau,
+            expand_bits=config.expand_bits,
+            activation=config.memory_block_activation,
+            table_std=config.initializer_range,
+            layer_norm_eps=config.layer_norm_eps,
+            **lookup,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(
+            self.attention_norm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            attn_implementation=self.config._attn_implementation,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.memory_block(self.memory_block_norm(hidden_states))
+
+
+class MemoryFormerPreTrainedModel(PreTrainedModel):
+    config_class = MemoryFormerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MemoryFormerBlock"]  # noqa: RUF012 (transformers class attributes)
+    _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012
+    _supports_sdpa = True
+    _can_record_outputs = {"hidden_states": MemoryFormerBlock, "attentions": MemoryAttention}  # noqa: RUF012
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Fresh init (spec §1–3); ``transformers.initialization`` skips tensors that ``from_pretrained`` loaded."""
+        std = small_init_std(self.config.hidden_size)
+        if isinstance(module, MemoryLayer):
+            init.normal_(module.tables, std=module.table_std)
+            init.normal_(module.bias, std=module.bias_std)
+        elif isinstance(module, (nn.Embedding, nn.Linear)):
+            init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.scale)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained``, plus this model's source code beside the weights (``config.auto_map``),
+        so the checkpoint loads with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` in an
+        environment without the ``memoryformer`` package (lm-eval's CLI, any Hugging Face user)."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_memoryformer.MemoryFormerConfig",
+            "AutoModelForCausalLM": "modeling_memoryformer.MemoryFormerForCausalLM",
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
+
+class MemoryFormerModel(MemoryFormerPreTrainedModel):
+    """Embedding → MemoryFormer blocks → final RMSNorm; returns the last hidden state and the KV cache."""
+
+    def __init__(self, config: MemoryFormerConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MemoryFormerBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rotary_ndims, config.rotary_emb_base)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class MemoryFormerForCausalLM(MemoryFormerPreTrainedModel, GenerationMixin):
+    """MemoryFormer with its untied LM head; ``labels`` give the shifted next-token cross-entropy."""
+
+    def __init__(self, config: MemoryFormerConfig) -> None:
+        super().__init__(config)
+        self.model = MemoryFormerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MemoryFormerForCausalLM", "MemoryFormerModel", "MemoryFormerPreTrainedModel"]
