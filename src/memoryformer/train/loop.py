@@ -1,0 +1,279 @@
+"""The pretraining loop (spec §4's recipe) on Accelerate: one code path from a laptop CPU to DeepSpeed ZeRO.
+
+Launch with plain ``python`` (one process), ``torchrun`` (multi-CPU over gloo, or DDP on GPUs) or
+``accelerate launch --config_file conf/accelerate/<setup>.yaml`` (multi-GPU, DeepSpeed, multi-node). Data position,
+optimizer, scheduler and RNG are all restored on ``train.resume=auto``; the step number alone fixes which samples
+come next (:func:`memoryformer.data.sample_indices`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from memoryformer.data import PackedSamples, build_datasets, load_tokenizer, sample_indices
+from memoryformer.flops import model_flops_per_token
+from memoryformer.models import build_model_from_config, recommended_lr
+from memoryformer.reporting import write_text_atomic
+from memoryformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one optimizer step's ``global_batch`` samples split over ranks and accumulation micro-steps."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        per_step = self.micro_batch * self.world_size
+        if self.micro_batch < 1 or self.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} must be a positive multiple of train.micro_batch × "
+                f"world size = {self.micro_batch} × {self.world_size} = {per_step}; change one of them"
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+
+def make_accelerator(train_cfg: DictConfig, run_dir: Path, accumulation_steps: int) -> Accelerator:
+    """An Accelerator for this machine: CPU (gloo under torchrun) when there is no GPU; bf16 autocast on GPU."""
+    use_cpu = not torch.cuda.is_available()
+    precision = train_cfg.mixed_precision
+    if precision == "auto":
+        precision = "no" if use_cpu else "bf16"
+    return Accelerator(
+        cpu=use_cpu,  # under torchrun without cpu=True, each rank would silently train its own copy
+        mixed_precision=precision,
+        gradient_accumulation_steps=accumulation_steps,
+        log_with="wandb" if train_cfg.tracker == "wandb" else None,
+        project_dir=str(run_dir),
+    )
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:
+    """Tell DeepSpeed the micro-batch (we feed batches ourselves, not through a prepared DataLoader)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+        plugin.deepspeed_config["gradient_clipping"] = grad_clip
+
+
+def collate(samples: PackedSamples, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets [B, seq_len] from windows of seq_len + 1 tokens."""
+    batch = torch.stack([samples[i] for i in indices]).to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def next_token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def validation_loss(
+    accelerator: Accelerator, model: torch.nn.Module, samples: PackedSamples, batches: int, micro_batch: int
+) -> float:
+    """Mean next-token loss over the first ``batches × micro_batch`` validation samples, split over ranks."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    usable = min(batches * micro_batch, len(samples))
+    for start in range(accelerator.process_index * micro_batch, usable, micro_batch * accelerator.num_processes):
+        inputs, targets = collate(samples, list(range(start, min(start + micro_batch, usable))), accelerator.device)
+        total += next_token_loss(model, inputs, targets) * len(inputs)
+        count += len(inputs)
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp(min=1)).item()
+
+
+@torch.no_grad()
+def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """A short greedy continuation of ``prompt``: the nanoGPT-style sanity check printed during training."""
+    was_training = model.training
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.run_name
+
+
+def run_identity(cfg: DictConfig, geometry: BatchGeometry) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it."""
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": cfg.data.name,
+        "seq_len": cfg.train.seq_len,
+        "global_batch": geometry.global_batch,
+        "seed": cfg.seed,
+    }
+
+
+def pretrain(cfg: DictConfig) -> Path:
+    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.train``; returns the run directory.
+
+    The run directory holds ``checkpoints/``, the final Hugging Face model in ``model/`` (with its tokenizer),
+    ``config.yaml``, ``metrics.jsonl`` and, when evaluated, ``eval/``. ``<output_dir>/LATEST`` names its model.
+    """
+    tc = cfg.train
+    run_dir = resolve_run_dir(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    geometry = BatchGeometry(tc.global_batch, tc.micro_batch, world_size)
+    accelerator = make_accelerator(tc, run_dir, geometry.accumulation_steps)
+    configure_deepspeed(accelerator, tc.micro_batch, tc.grad_clip)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    train_samples, valid_samples = build_datasets(
+        cfg.data, tc.seq_len, cfg.seed, show_progress=accelerator.is_main_process
+    )
+    model = build_model_from_config(cfg.model)
+    default_lr, default_min_lr = recommended_lr(cfg.model.name)
+    lr = tc.lr if tc.lr is not None else default_lr
+    min_lr = tc.min_lr if tc.min_lr is not None else default_min_lr
+    settings = OptimizerSettings(
+        lr=lr,
+        weight_decay=tc.weight_decay,
+        betas=tuple(tc.betas),
+        eps=tc.eps,
+        table_lr_multiplier=tc.table_lr_multiplier,
+    )
+    optimizer = build_optimizer(model, settings)
+    warmup = math.ceil(tc.warmup_fraction * tc.max_steps)
+    scheduler = build_scheduler(optimizer, tc.max_steps, warmup, lr, min_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    identity = run_identity(cfg, geometry)
+    checkpoints_dir = run_dir / "checkpoints"
+    start_step = 0
+    if tc.resume != "never":
+        checkpoint = latest_checkpoint(checkpoints_dir) if tc.resume == "auto" else Path(tc.resume)
+        if checkpoint is not None:
+            start_step = load_checkpoint(accelerator, checkpoint, identity)["step"]
+            accelerator.print(f"resumed from {checkpoint} at step {start_step}")
+
+    params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    flops_per_token = model_flops_per_token(accelerator.unwrap_model(model).config, tc.seq_len)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if tc.tracker == "wandb":
+        tracker_config = {
+            **OmegaConf.to_container(cfg, resolve=True),
+            "parameters": params,
+            "flops_per_token": flops_per_token,
+        }
+        wandb_kwargs = {"name": tc.run_name, "dir": str(run_dir), "mode": tc.wandb.mode, "group": tc.wandb.group}
+        accelerator.init_trackers(tc.wandb.project, config=tracker_config, init_kwargs={"wandb": wandb_kwargs})
+    accelerator.print(
+        f"{cfg.model.name}: {params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
+        f"{geometry.global_batch}×{tc.seq_len} tokens per step = {geometry.world_size} ranks × "
+        f"{geometry.accumulation_steps} micro-steps × {tc.micro_batch}; lr {lr:g} → {min_lr:g}"
+    )
+
+    metrics_path = run_dir / "metrics.jsonl"
+    tokens_per_step = geometry.global_batch * tc.seq_len
+    progress = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    model.train()
+    tick = time.perf_counter()
+    for step in range(start_step, tc.max_steps):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for indices in sample_indices(
+            step, geometry.global_batch, tc.micro_batch, accelerator.process_index, geometry.world_size
+        ):
+            with accelerator.accumulate(model):
+                inputs, targets = collate(train_samples, indices, accelerator.device)
+                loss = next_token_loss(model, inputs, targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / geometry.accumulation_steps
+        scheduler.step()
+        done = step + 1
+        loss_value = accelerator.reduce(step_loss, "mean").item()
+        elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+        record = {
+            "step": done,
+            "loss": loss_value,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": done * tokens_per_step,
+            "tokens_per_s": tokens_per_step / elapsed,
+            "tflops": 3 * flops_per_token * tokens_per_step / elapsed / 1e12,
+        }
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            record["val_loss"] = validation_loss(accelerator, model, valid_samples, tc.eval_batches, tc.micro_batch)
+            record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+            if tc.sample_tokens and accelerator.is_main_process and accelerator.state.deepspeed_plugin is None:
+                text = greedy_sample(accelerator.unwrap_model(model), tokenizer, tc.sample_prompt, tc.sample_tokens)
+                progress.write(f"step {done} val_loss {record['val_loss']:.3f} sample: {tc.sample_prompt!r} → {text!r}")
+                record["sample"] = text
+        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.update(1)
+        if done % tc.log_every == 0 or "val_loss" in record:
+            accelerator.log({k: v for k, v in record.items() if k != "sample"}, step=done)
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+            save_checkpoint(accelerator, checkpoints_dir, done, {**identity, "step": done}, tc.keep_checkpoints)
+    progress.close()
+
+    model_dir = run_dir / "model"
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_final_model(unwrapped, tokenizer, model_dir, Path(tc.output_dir))
+    accelerator.wait_for_everyone()
+    if tc.eval_at_end and accelerator.is_main_process:
+        from memoryformer.evaluation import evaluate_checkpoint
+
+        results = evaluate_checkpoint(
+            unwrapped,
+            tokenizer=tokenizer,
+            tasks=list(cfg.eval.tasks),
+            limit=tc.eval_limit,
+            output_dir=run_dir / "eval",
+            data_dir=Path(cfg.eval.data_dir),
+            model_name=cfg.model.name,
+        )
+        accelerator.log({f"eval/{k}": v for k, v in results.get("summary", {}).items()}, step=tc.max_steps)
+    accelerator.end_training()
+    return run_dir
+
+
+def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path, output_dir: Path) -> None:
+    """Hugging Face format (config, safetensors, tokenizer), published atomically; LATEST points at it."""
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+    write_text_atomic(output_dir / "LATEST", f"{model_dir.resolve()}\n")
