@@ -20,13 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from memoryformer.data import PackedSamples, build_datasets, load_tokenizer, sample_indices
 from memoryformer.flops import model_flops_per_token
-from memoryformer.models import build_model_from_config, recommended_lr
+from memoryformer.models.registry import build_model_from_model_config, model_config_from_config, recommended_lr
 from memoryformer.reporting import write_text_atomic
 from memoryformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler
@@ -55,27 +55,58 @@ class BatchGeometry:
         return self.global_batch // (self.micro_batch * self.world_size)
 
 
-def make_accelerator(train_cfg: DictConfig, run_dir: Path, accumulation_steps: int) -> Accelerator:
-    """An Accelerator for this machine: CPU (gloo under torchrun) when there is no GPU; bf16 autocast on GPU."""
-    use_cpu = not torch.cuda.is_available()
+def make_accelerator(train_cfg: DictConfig, run_dir: Path) -> tuple[Accelerator, BatchGeometry]:
+    """An Accelerator for this machine and the batch geometry of the processes it actually joined.
+
+    CPU (gloo under torchrun) when there is no GPU; bf16 autocast on GPU. The world size is the Accelerator's,
+    checked against the launcher's ``WORLD_SIZE``: ranks that did not join one process group would each train
+    their own copy on their own share of the data.
+    """
+    # cpu=True makes Accelerate ignore `accelerate launch --use_deepspeed`; DeepSpeed finds the CPU by itself.
+    use_cpu = not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     precision = train_cfg.mixed_precision
     if precision == "auto":
         precision = "no" if use_cpu else "bf16"
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu,  # under torchrun without cpu=True, each rank would silently train its own copy
         mixed_precision=precision,
-        gradient_accumulation_steps=accumulation_steps,
         log_with="wandb" if train_cfg.tracker == "wandb" else None,
         project_dir=str(run_dir),
     )
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={launched} processes but Accelerate joined "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}): each rank would train its own copy. "
+            f"On CPU launch several processes with torchrun (gloo), not accelerate launch (conf/accelerate/cpu.yaml)"
+        )
+    geometry = BatchGeometry(train_cfg.global_batch, train_cfg.micro_batch, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = geometry.accumulation_steps
+    return accelerator, geometry
 
 
-def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:
-    """Tell DeepSpeed the micro-batch (we feed batches ourselves, not through a prepared DataLoader)."""
+def configure_deepspeed(accelerator: Accelerator, geometry: BatchGeometry, grad_clip: float) -> None:
+    """Give DeepSpeed the trainer's batch geometry and clipping (we feed batches ourselves, not a prepared loader).
+
+    ``train.global_batch`` alone decides the accumulation steps; a launcher or config file asking for others
+    would make DeepSpeed step the optimizer at different micro-steps than the trainer, so it is refused.
+    """
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
-        plugin.deepspeed_config["gradient_clipping"] = grad_clip
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    requested = config.get("gradient_accumulation_steps", "auto")
+    if requested not in ("auto", geometry.accumulation_steps):
+        raise ValueError(
+            f"DeepSpeed gradient_accumulation_steps={requested} disagrees with train.global_batch="
+            f"{geometry.global_batch} = {geometry.micro_batch} × {geometry.world_size} ranks × "
+            f"{geometry.accumulation_steps}; drop --gradient_accumulation_steps (or set it to auto in the config "
+            f"file) and size the batch with train.global_batch"
+        )
+    config["gradient_accumulation_steps"] = geometry.accumulation_steps
+    config["train_micro_batch_size_per_gpu"] = geometry.micro_batch
+    config["train_batch_size"] = geometry.global_batch
+    config["gradient_clipping"] = grad_clip
 
 
 def collate(samples: PackedSamples, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,17 +171,16 @@ def pretrain(cfg: DictConfig) -> Path:
     """
     tc = cfg.train
     run_dir = resolve_run_dir(cfg)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    geometry = BatchGeometry(tc.global_batch, tc.micro_batch, world_size)
-    accelerator = make_accelerator(tc, run_dir, geometry.accumulation_steps)
-    configure_deepspeed(accelerator, tc.micro_batch, tc.grad_clip)
+    model_config = model_config_from_config(cfg.model)  # a bad model config fails here, before any data work
+    accelerator, geometry = make_accelerator(tc, run_dir)
+    configure_deepspeed(accelerator, geometry, tc.grad_clip)
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_samples, valid_samples = build_datasets(
         cfg.data, tc.seq_len, cfg.seed, show_progress=accelerator.is_main_process
     )
-    model = build_model_from_config(cfg.model)
+    model = build_model_from_model_config(model_config)
     default_lr, default_min_lr = recommended_lr(cfg.model.name)
     lr = tc.lr if tc.lr is not None else default_lr
     min_lr = tc.min_lr if tc.min_lr is not None else default_min_lr

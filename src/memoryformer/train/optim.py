@@ -52,7 +52,8 @@ def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.opti
     groups = parameter_groups(model, settings)
     for group in groups:
         group["lr"] = settings.lr * group["lr_scale"]
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    # fused: one kernel for all parameters (CPU and CUDA); the per-tensor loop costs seconds per step at 50k vocab
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True)
 
 
 def cosine_with_warmup(step: int, max_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
