@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint flops data eval tables
+.PHONY: help setup test test-all lint pretrain sample flops data eval tables
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@
+
+MODEL ?= mf-nano
+LAUNCHER ?= $(PY)
+pretrain: setup  ## train MODEL (default mf-nano on the local sample, CPU, minutes); Hydra overrides in ARGS
+	$(LAUNCHER) scripts/pretrain.py model=$(MODEL) $(ARGS)
+
+sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="Once upon a time"]
+	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(PROMPT),'prompt="$(PROMPT)"')
 
 test: setup  ## the default test suite (offline, < ~10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

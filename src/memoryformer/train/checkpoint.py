@@ -100,3 +100,37 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, expected: dict[s
             f"the one before, or start afresh with train.resume=never"
         ) from err
     return state
+
+
+def load_for_inference(path: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a Hugging Face model directory, a run directory, or a training checkpoint.
+
+    A training checkpoint (``<run>/checkpoints/step-N``) is rebuilt from the run's ``config.yaml`` and its
+    Accelerate ``model.safetensors`` (single-process and DDP checkpoints; DeepSpeed shards need DeepSpeed's own
+    ``zero_to_fp32`` first).
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from memoryformer.data import load_tokenizer
+    from memoryformer.models import build_model_from_config
+
+    path = Path(path).expanduser()
+    if (path / "model" / "config.json").is_file():
+        path = path / "model"  # a run directory: its final model
+    if (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
+    if (path / STATE_FILE).is_file():
+        run_config = path.parent.parent / "config.yaml"
+        weights = path / "model.safetensors"
+        if not run_config.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{path} lacks {run_config.name} (two levels up) or {weights.name}")
+        cfg = OmegaConf.load(run_config)
+        model = build_model_from_config(cfg.model)
+        model.load_state_dict(load_file(str(weights)))
+        return model, load_tokenizer(cfg.data.tokenizer)
+    raise FileNotFoundError(
+        f"{path} is neither a model directory (config.json), a run directory (model/) nor a training checkpoint "
+        f"({STATE_FILE}); pass CKPT=runs/<run>, runs/<run>/model or runs/<run>/checkpoints/step-N"
+    )
