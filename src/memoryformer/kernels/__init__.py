@@ -11,6 +11,7 @@ Backends (all share the contract of :func:`memory_lookup_reference`):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -75,8 +76,13 @@ def memory_lookup(
 
     Returns fp32 (fp64 when x is fp64) whatever the tables' dtype: accumulation is never in 16 bits.
     """
-    fn = lookup_function(resolve_backend(backend, x.device))
-    return fn(x, tables, bias, tau, score, temperature)
+    return _dispatch(backend, x.device.type)(x, tables, bias, tau, score, temperature)
+
+
+@functools.cache
+def _dispatch(backend: str, device_type: str) -> LookupFn:
+    # Resolved once per (backend, device type): at decode (N = 1) the per-call imports would cost more than the op.
+    return lookup_function(resolve_backend(backend, torch.device(device_type)))
 
 
 __all__ = [
