@@ -62,13 +62,14 @@ def make_accelerator(train_cfg: DictConfig, run_dir: Path) -> tuple[Accelerator,
     checked against the launcher's ``WORLD_SIZE``: ranks that did not join one process group would each train
     their own copy on their own share of the data.
     """
-    # cpu=True makes Accelerate ignore `accelerate launch --use_deepspeed`; DeepSpeed finds the CPU by itself.
-    use_cpu = not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    on_gpu = torch.cuda.is_available()
     precision = train_cfg.mixed_precision
     if precision == "auto":
-        precision = "no" if use_cpu else "bf16"
+        precision = "bf16" if on_gpu else "no"
     accelerator = Accelerator(
-        cpu=use_cpu,  # under torchrun without cpu=True, each rank would silently train its own copy
+        # Under torchrun without cpu=True each rank would silently train its own copy; but cpu=True makes Accelerate
+        # ignore `accelerate launch --use_deepspeed`, and DeepSpeed finds the CPU by itself.
+        cpu=not on_gpu and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
         mixed_precision=precision,
         log_with="wandb" if train_cfg.tracker == "wandb" else None,
         project_dir=str(run_dir),
