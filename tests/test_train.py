@@ -149,3 +149,14 @@ def test_resume_from_another_model_is_refused(tiny_train_overrides):
     pretrain(compose_config(tiny_train_overrides))
     with pytest.raises(CheckpointError, match="num_hidden_layers"):
         pretrain(compose_config([*tiny_train_overrides, "model.num_hidden_layers=3"]))
+
+
+def test_resumed_run_does_not_duplicate_metrics(tiny_train_overrides):
+    run_dir = pretrain(compose_config(tiny_train_overrides))
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
+    pretrain(compose_config(tiny_train_overrides))
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(m["grad_norm"] > 0 for m in metrics)

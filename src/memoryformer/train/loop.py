@@ -149,6 +149,22 @@ def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_t
     return tokenizer.decode(out[0, ids.shape[1] :])
 
 
+def zero3_sharded(accelerator: Accelerator) -> bool:
+    """Whether parameters are sharded across ranks (ZeRO-3), so one rank alone cannot generate."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def truncate_metrics(metrics_path: Path, last_step: int) -> None:
+    """Drop logged records after ``last_step`` (a resumed run logs those steps again)."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
+
+
 def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.run_name
 
@@ -227,6 +243,8 @@ def pretrain(cfg: DictConfig) -> Path:
     )
 
     metrics_path = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        truncate_metrics(metrics_path, start_step)  # steps after the resumed checkpoint are about to be redone
     tokens_per_step = geometry.global_batch * tc.seq_len
     progress = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()
@@ -241,7 +259,7 @@ def pretrain(cfg: DictConfig) -> Path:
                 loss = next_token_loss(model, inputs, targets)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / geometry.accumulation_steps
@@ -256,11 +274,13 @@ def pretrain(cfg: DictConfig) -> Path:
             "tokens": done * tokens_per_step,
             "tokens_per_s": tokens_per_step / elapsed,
             "tflops": 3 * flops_per_token * tokens_per_step / elapsed / 1e12,
+            # before clipping; None under DeepSpeed, which clips inside its engine
+            "grad_norm": None if grad_norm is None else float(grad_norm),
         }
         if done % tc.eval_every == 0 or done == tc.max_steps:
             record["val_loss"] = validation_loss(accelerator, model, valid_samples, tc.eval_batches, tc.micro_batch)
             record["val_ppl"] = math.exp(min(record["val_loss"], 50))
-            if tc.sample_tokens and accelerator.is_main_process and accelerator.state.deepspeed_plugin is None:
+            if tc.sample_tokens and accelerator.is_main_process and not zero3_sharded(accelerator):
                 text = greedy_sample(accelerator.unwrap_model(model), tokenizer, tc.sample_prompt, tc.sample_tokens)
                 progress.write(f"step {done} val_loss {record['val_loss']:.3f} sample: {tc.sample_prompt!r} → {text!r}")
                 record["sample"] = text
