@@ -1,17 +1,22 @@
-"""Pretrain a model: ``python scripts/pretrain.py model=mf-tiny train.max_steps=1000`` (see conf/)."""
+"""Pretrain a model: ``python scripts/pretrain.py model=mf-tiny train.max_steps=1000`` (see conf/).
+
+Ablation sweeps (spec §6): ``python scripts/pretrain.py -m +sweep=tau_k`` (conf/sweep/); in a multirun a failed
+run is recorded in its run directory and the sweep goes on (memoryformer.sweeps.pretrain_job).
+"""
 
 import hydra
 from omegaconf import DictConfig
 
 from memoryformer.config import register_resolvers
-from memoryformer.train import pretrain
+from memoryformer.sweeps import pretrain_job, register_sweep_resolvers
 
 register_resolvers()
+register_sweep_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    pretrain(cfg)
+    pretrain_job(cfg)
 
 
 if __name__ == "__main__":
