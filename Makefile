@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint pretrain sample flops data eval tables
+.PHONY: help setup test test-all lint pretrain sample flops data eval tables sweep buckets
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -17,10 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@
 
-MODEL ?= mf-nano
 LAUNCHER ?= $(PY)
 pretrain: setup  ## train MODEL (default mf-nano on the local sample, CPU, minutes); Hydra overrides in ARGS
-	$(LAUNCHER) scripts/pretrain.py model=$(MODEL) $(ARGS)
+	$(LAUNCHER) scripts/pretrain.py $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
 sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="Once upon a time"]
 	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(PROMPT),'prompt="$(PROMPT)"')
@@ -45,3 +44,12 @@ eval: setup  ## zero-shot lm-eval, six tasks: make eval [CKPT=dir|hub-id] [REVIS
 
 tables: setup  ## merge eval results into one Table 1: make tables [RESULTS=results/eval/a,runs/x/eval]
 	$(PY) scripts/make_tables.py $(if $(RESULTS),results=[$(RESULTS)])
+
+SWEEP_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(STEPS),train.max_steps=$(STEPS)) $(ARGS)
+# The aggregator runs even when a run failed (`;`): the table is always written, and its exit status is make's.
+sweep: setup  ## ablation sweep (Tables 3-6): make sweep SWEEP=tau_k|lr|expand_bits|gelu [MODEL=mf-tiny] [STEPS=8000] [ARGS=...]
+	@test -n "$(SWEEP)" || { echo "SWEEP=tau_k|lr|expand_bits|gelu is required"; exit 2; }
+	$(PY) scripts/pretrain.py -m +sweep=$(SWEEP) $(SWEEP_ARGS); $(PY) scripts/aggregate_sweep.py +sweep=$(SWEEP) $(SWEEP_ARGS)
+
+buckets: setup  ## bucket usage of one block (Figure 4): make buckets [CKPT=runs/<run>] [LAYER=0] [ARGS="--text f --max-tokens n"]
+	$(PY) scripts/bucket_usage.py $(CKPT) $(if $(LAYER),--layer $(LAYER)) $(ARGS)
