@@ -470,7 +470,7 @@ def test_data_configs_compose(shared_data):
         assert load_tokenizer(cfg.tokenizer).eos_token_id == 0
     sample = compose_config(["data=sample"], config_name="prepare_data").data
     assert len(OmegaConf.to_container(sample, resolve=True)["train_files"]) == 2
-    assert (shared_data / "heldout/wikitext-2-raw-v1/test.txt").samefile(sample.valid_files[0])
+    assert sample.valid_files is None and 0 < sample.valid_fraction < 1  # held out from the training documents
     assert sample.prepared_dir == str(PROJECT_ROOT / "data" / "prepared")
 
 
@@ -499,7 +499,9 @@ def test_prepare_data_script(tmp_path, shared_data):
 def test_prepare_whole_shared_sample(tmp_path, shared_data):
     cfg = compose_config(["data=sample", f"data.prepared_dir={tmp_path}"], config_name="prepare_data").data
     train, valid = build_datasets(cfg, seq_len=2048, seed=1234, show_progress=False)
-    # SOURCES.md: 16,255,895 (Gutenberg) + 5,284 (Pile) and 285,831 (WikiText test) tokens, plus one EOD per document.
-    assert train.dataset.num_tokens == 16_255_895 + 5_284 + 78 + 10
-    assert valid.dataset.num_tokens == 285_831 + valid.dataset.num_documents
+    # SOURCES.md: 16,255,895 (Gutenberg) + 5,284 (Pile) tokens in 88 documents, plus one EOD per document,
+    # split by document between train and validation.
+    assert train.dataset.num_tokens + valid.dataset.num_tokens == 16_255_895 + 5_284 + 78 + 10
+    assert train.dataset.num_documents + valid.dataset.num_documents == 88
+    assert 0 < valid.dataset.num_documents < 15
     assert len(train) == (train.dataset.num_tokens - 1) // 2048
