@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint pretrain sample flops data eval tables sweep buckets
+.PHONY: help setup test test-all lint pretrain sample flops data eval tables sweep buckets bench
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -53,3 +53,6 @@ sweep: setup  ## ablation sweep (Tables 3-6): make sweep SWEEP=tau_k|lr|expand_b
 
 buckets: setup  ## bucket usage of one block (Figure 4): make buckets [CKPT=runs/<run>] [LAYER=0] [ARGS="--text f --max-tokens n"]
 	$(PY) scripts/bucket_usage.py $(CKPT) $(if $(LAYER),--layer $(LAYER)) $(ARGS)
+
+bench: setup  ## lookup vs matmul, block, model, training, data -> benchmarks/results/latest.{json,md} (ARGS="--quick")
+	$(PY) -m benchmarks.run $(ARGS)

@@ -1,0 +1,360 @@
+"""One block and the whole model, MemoryFormer against Pythia of the same width, at decode and at prefill.
+
+    python -m benchmarks.bench_models [--quick]
+
+- Blocks (``run_block_benchmark``): a ``MemoryFormerBlock`` against transformers' ``GPTNeoXLayer``, each built from
+  the registry's config of a model pair (mf-tiny/pythia-70m at d = 512, mf-small/pythia-160m at 768, mf-base/
+  pythia-410m at 1024): latency of decoding 1 token against a KV cache of 512 tokens, and of a 2048-token prefill.
+  Next to each: the parameter bytes one token reads (every dense weight; only the K gathered rows of a Memory Layer,
+  spec §1) and the KV cache bytes, which both blocks read alike.
+- Whole models (``run_model_benchmark``): mf-tiny against pythia-70m with ``generate`` (greedy) from a 128-token
+  prompt, and prefill tokens/s (one forward, logits of the last position only, as ``generate`` does).
+
+Everything runs in fp32 with SDPA attention and the model's default lookup backend (``auto``); blocks and models
+are in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
+(:func:`benchmarks.bench_kernels.time_side_by_side`, warm-up excluded), so that load from other processes hits both
+alike, and are summarised as median/min/max over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoXRotaryEmbedding
+
+from benchmarks.bench_kernels import summarise, time_side_by_side
+from memoryformer.kernels import resolve_backend
+from memoryformer.layers.attention import RotaryEmbedding
+from memoryformer.layers.memory_layer import MemoryLayer
+from memoryformer.models import MemoryFormerConfig, build_model, model_config
+from memoryformer.models.modeling_memoryformer import MemoryFormerBlock
+
+BLOCK_PAIRS = (("mf-tiny", "pythia-70m"), ("mf-small", "pythia-160m"), ("mf-base", "pythia-410m"))
+MODEL_PAIR = ("mf-tiny", "pythia-70m")
+ATTENTION = "sdpa"  # what build_model's models use on CPU; set explicitly on bare blocks
+INPUT_POOL = 8  # distinct inputs cycled through, so consecutive calls do not re-read the same table rows
+# Quick mode shrinks every model to one d = 64 layer with a 512-token vocabulary (seconds, for the tests).
+QUICK_OVERRIDES = {"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 512}
+FULL = {
+    "block_pairs": BLOCK_PAIRS,
+    "kv_cache": 512,
+    "prefill": 2048,
+    "prompt": 128,
+    "new_tokens": 32,
+    "model_prefill": (128, 2048),
+    "overrides": {},
+    "seconds": 1.0,
+    "max_repeats": 100,
+}
+QUICK = {
+    "block_pairs": BLOCK_PAIRS[:1],
+    "kv_cache": 16,
+    "prefill": 32,
+    "prompt": 16,
+    "new_tokens": 4,
+    "model_prefill": (16,),
+    "overrides": QUICK_OVERRIDES,
+    "seconds": 0.02,
+    "max_repeats": 5,
+}
+
+
+def family(config: PretrainedConfig) -> str:
+    return "memoryformer" if isinstance(config, MemoryFormerConfig) else "pythia"
+
+
+def build_block(name: str, **overrides) -> tuple[nn.Module, PretrainedConfig]:
+    """Layer 0 of the named model, built alone from its registry config (eval mode)."""
+    config = model_config(name, **overrides)
+    config._attn_implementation = ATTENTION
+    block = MemoryFormerBlock(config, layer_idx=0) if family(config) == "memoryformer" else GPTNeoXLayer(config, 0)
+    return block.eval(), config
+
+
+def rotary_embedding(config: PretrainedConfig) -> nn.Module:
+    """The model's own rotary module: cos/sin for given positions."""
+    if family(config) == "memoryformer":
+        return RotaryEmbedding(config.rotary_ndims, config.rotary_emb_base)
+    return GPTNeoXRotaryEmbedding(config)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, position_embeddings, cache: DynamicCache | None) -> torch.Tensor:
+    """One block call; the two families name the KV-cache argument differently."""
+    if isinstance(block, GPTNeoXLayer):
+        return block(x, layer_past=cache, position_embeddings=position_embeddings)
+    return block(x, position_embeddings, past_key_values=cache)
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Parameter bytes one token's forward reads: all of every dense parameter, but of a Memory Layer only the
+    K table rows it gathers (and its bias), and of a token embedding only its row."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, MemoryLayer):
+            rows = module.num_chunks * module.out_features * module.tables.element_size()
+            total += rows + module.bias.numel() * module.bias.element_size()
+        elif isinstance(module, nn.Embedding):
+            total += module.embedding_dim * module.weight.element_size()
+        else:
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
+
+
+def kv_cache_bytes(config: PretrainedConfig, tokens: int) -> int:
+    """Keys and values of one layer for ``tokens`` positions in fp32."""
+    return 2 * tokens * config.hidden_size * 4
+
+
+@torch.no_grad()
+def block_decode_call(block: nn.Module, config: PretrainedConfig, kv_cache: int) -> Callable[[int], object]:
+    """fn(i): decode one token at position ``kv_cache`` against a cache of ``kv_cache`` tokens, then drop it again
+    so every call sees the same cache length."""
+    d, rotary = config.hidden_size, rotary_embedding(config)
+    cache = DynamicCache(config=config)
+    prompt = torch.randn(1, kv_cache, d)
+    run_block(block, prompt, rotary(prompt, torch.arange(kv_cache)[None]), cache)
+    tokens = [torch.randn(1, 1, d) for _ in range(INPUT_POOL)]
+    position_embeddings = rotary(tokens[0], torch.tensor([[kv_cache]]))
+
+    def call(i: int) -> None:
+        with torch.no_grad():
+            run_block(block, tokens[i % INPUT_POOL], position_embeddings, cache)
+        cache.crop(-1)
+
+    return call
+
+
+@torch.no_grad()
+def block_prefill_call(block: nn.Module, config: PretrainedConfig, tokens: int) -> Callable[[int], object]:
+    """fn(i): a causal forward of ``tokens`` fresh tokens, no cache."""
+    inputs = [torch.randn(1, tokens, config.hidden_size) for _ in range(2)]
+    position_embeddings = rotary_embedding(config)(inputs[0], torch.arange(tokens)[None])
+
+    def call(i: int) -> None:
+        with torch.no_grad():
+            run_block(block, inputs[i % 2], position_embeddings, None)
+
+    return call
+
+
+@torch.no_grad()
+def attention_call(config: PretrainedConfig, tokens: int, kv_cache: int) -> Callable[[int], object]:
+    """fn(i): the part of a block both families share: append ``tokens`` keys/values to a cache of ``kv_cache``
+    (none at prefill) and attend over it with SDPA, causally at prefill; the appended positions are dropped again."""
+    heads = config.num_attention_heads
+    shape = (1, heads, tokens, config.hidden_size // heads)
+    cache = DynamicCache(config=config) if kv_cache else None
+    if cache is not None:
+        cache.update(torch.randn(1, heads, kv_cache, shape[-1]), torch.randn(1, heads, kv_cache, shape[-1]), 0)
+    qkv = [[torch.randn(shape) for _ in range(3)] for _ in range(INPUT_POOL)]
+
+    def call(i: int) -> None:
+        q, k, v = qkv[i % INPUT_POOL]
+        if cache is not None:
+            k, v = cache.update(k, v, 0)
+        F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1)
+        if cache is not None:
+            cache.crop(-tokens)
+
+    return call
+
+
+def run_block_benchmark(quick: bool) -> dict:
+    """Decode and prefill latency of one MemoryFormer block vs one Pythia block per width (JSON-serialisable).
+
+    Schema::
+
+        {
+          "config": {"quick": bool, "kv_cache": int, "prefill_tokens": int, "attention": str, "dtype": "float32",
+                     "lookup_backend": str, "overrides": {str: int}},
+          "results": [
+            {"d": int, "phase": "decode" | "prefill", "tokens": int, "kv_cache": int,
+             "memoryformer": {"model": str, "weight_bytes_per_token": int, <summary>},
+             "pythia": {"model": str, "weight_bytes_per_token": int, <summary>},
+             "attention": <summary>,        # the shared part alone: KV-cache append + SDPA (attention_call)
+             "latency_ratio": float,        # memoryformer median / pythia median
+             "latency_ratio_beyond_attention": float,  # the same with the attention median taken off both
+             "weight_bytes_ratio": float,   # memoryformer / pythia weight bytes per token
+             "kv_cache_bytes": int}         # read by both blocks per decoded token (0 at prefill)
+          ]
+        }
+
+    ``<summary>`` is :func:`benchmarks.bench_kernels.summarise`: median_us, min_us, max_us, repeats, tokens_per_s.
+    """
+    sizes = QUICK if quick else FULL
+    results = []
+    for pair in sizes["block_pairs"]:
+        blocks = [(name, *build_block(name, **sizes["overrides"])) for name in pair]
+        config = blocks[0][2]
+        phases = (
+            ("decode", 1, sizes["kv_cache"], block_decode_call),
+            ("prefill", sizes["prefill"], 0, block_prefill_call),
+        )
+        for phase, tokens, kv_cache, make_call in phases:
+            calls = {name: make_call(block, block_config, kv_cache or tokens) for name, block, block_config in blocks}
+            calls["attention"] = attention_call(config, tokens, kv_cache)
+            timings = side_by_side(calls, sizes)
+            row = {"d": config.hidden_size, "phase": phase, "tokens": tokens, "kv_cache": kv_cache}
+            for name, block, block_config in blocks:
+                row[family(block_config)] = {
+                    "model": name,
+                    "weight_bytes_per_token": weight_bytes_per_token(block),
+                    **summarise(timings[name], tokens),
+                }
+            row["attention"] = summarise(timings["attention"], tokens)
+            mf, pythia, attention = row["memoryformer"], row["pythia"], row["attention"]["median_us"]
+            row["latency_ratio"] = mf["median_us"] / pythia["median_us"]
+            row["latency_ratio_beyond_attention"] = (mf["median_us"] - attention) / (pythia["median_us"] - attention)
+            row["weight_bytes_ratio"] = mf["weight_bytes_per_token"] / pythia["weight_bytes_per_token"]
+            row["kv_cache_bytes"] = kv_cache_bytes(config, kv_cache)
+            results.append(row)
+    return {
+        "config": {
+            "quick": quick,
+            "kv_cache": sizes["kv_cache"],
+            "prefill_tokens": sizes["prefill"],
+            "attention": ATTENTION,
+            "dtype": "float32",
+            "lookup_backend": resolve_backend("auto", torch.device("cpu")),
+            "overrides": sizes["overrides"],
+        },
+        "results": results,
+    }
+
+
+def generate_call(model: nn.Module, prompts: list[torch.Tensor], new_tokens: int) -> Callable[[int], object]:
+    """fn(i): greedy ``generate`` of exactly ``new_tokens`` tokens after the i-th prompt of the pool."""
+
+    def call(i: int) -> None:
+        prompt = prompts[i % len(prompts)]
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # a random model may emit EOS; never stop early
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+    return call
+
+
+@torch.no_grad()
+def greedy_decode_call(model: nn.Module, prompts: list[torch.Tensor], new_tokens: int) -> Callable[[int], object]:
+    """fn(i): ``new_tokens`` greedy decode steps after the i-th prompt, whose KV cache was filled beforehand; the
+    new positions are dropped again afterwards, so every call decodes from the same prompt."""
+    starts = []
+    for prompt in prompts:
+        out = model(input_ids=prompt, use_cache=True)
+        starts.append((out.past_key_values, out.logits[:, -1:].argmax(-1)))
+
+    def call(i: int) -> None:
+        cache, token = starts[i % len(starts)]
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        cache.crop(-new_tokens)
+
+    return call
+
+
+def prefill_call(model: nn.Module, prompts: list[torch.Tensor]) -> Callable[[int], object]:
+    """fn(i): one forward of the i-th prompt, logits for its last position only (a prefill, as in generate)."""
+
+    def call(i: int) -> None:
+        with torch.no_grad():
+            model(input_ids=prompts[i % len(prompts)], use_cache=False, logits_to_keep=1)
+
+    return call
+
+
+def side_by_side(calls: dict[str, Callable[[int], object]], sizes: dict) -> dict[str, list[float]]:
+    """Seconds per call of every fn(i), the calls taking turns, repeats sized by ``sizes``."""
+    return time_side_by_side(calls, sizes["seconds"] * len(calls), sizes["max_repeats"])
+
+
+def run_model_benchmark(quick: bool) -> dict:
+    """Greedy decode and prefill tokens/s of mf-tiny vs pythia-70m, each model built once (JSON-serialisable).
+
+    Schema::
+
+        {
+          "config": {"quick": bool, "prompt_tokens": int, "new_tokens": int, "prefill_tokens": [int],
+                     "attention": str, "dtype": "float32", "lookup_backend": str, "overrides": {str: int}},
+          "results": [
+            {"model": str, "family": "memoryformer" | "pythia", "parameters": int, "build_seconds": float,
+             "weight_bytes_per_token": int,  # parameter bytes one decoded token reads (weight_bytes_per_token)
+             "lm_head_bytes": int,           # of which the dense LM head, the same in both models
+             "decode": <summary>,    # new_tokens greedy steps after a cached prompt: tokens_per_s of decoding
+             "generate": <summary>,  # generate(prompt, max_new_tokens=new_tokens): tokens_per_s end to end
+             "prefill": [{"tokens": int, <summary>}]}
+          ],
+          "ratios": {"decode_tokens_per_s": float, "generate_tokens_per_s": float,  # memoryformer / pythia
+                     "prefill_tokens_per_s": {str(tokens): float}}
+        }
+    """
+    sizes = QUICK if quick else FULL
+    new_tokens = sizes["new_tokens"]
+    models, results = {}, {}
+    for name in MODEL_PAIR:  # mf-tiny is 467M parameters (~1.9 GB fp32): built once, used for everything
+        started = time.perf_counter()
+        models[name] = build_model(name, **sizes["overrides"]).eval()
+        results[name] = {
+            "model": name,
+            "family": family(models[name].config),
+            "parameters": sum(p.numel() for p in models[name].parameters()),
+            "weight_bytes_per_token": weight_bytes_per_token(models[name]),
+            "lm_head_bytes": weight_bytes_per_token(models[name].get_output_embeddings()),
+            "build_seconds": time.perf_counter() - started,
+            "prefill": [],
+        }
+
+    vocab = min(model.config.vocab_size for model in models.values())
+    prompts = [torch.randint(vocab, (1, sizes["prompt"])) for _ in range(INPUT_POOL)]
+    for key, make_call in (("decode", greedy_decode_call), ("generate", generate_call)):
+        timings = side_by_side({name: make_call(model, prompts, new_tokens) for name, model in models.items()}, sizes)
+        for name, times in timings.items():
+            results[name][key] = summarise(times, new_tokens)
+    for tokens in sizes["model_prefill"]:
+        inputs = [torch.randint(vocab, (1, tokens)) for _ in range(2)]
+        timings = side_by_side({name: prefill_call(model, inputs) for name, model in models.items()}, sizes)
+        for name, times in timings.items():
+            results[name]["prefill"].append({"tokens": tokens, **summarise(times, tokens)})
+    mf, pythia = (results[name] for name in MODEL_PAIR)
+    prefill_ratios = {
+        str(a["tokens"]): a["tokens_per_s"] / b["tokens_per_s"]
+        for a, b in zip(mf["prefill"], pythia["prefill"], strict=True)
+    }
+    return {
+        "config": {
+            "quick": quick,
+            "prompt_tokens": sizes["prompt"],
+            "new_tokens": new_tokens,
+            "prefill_tokens": list(sizes["model_prefill"]),
+            "attention": ATTENTION,
+            "dtype": "float32",
+            "lookup_backend": resolve_backend("auto", torch.device("cpu")),
+            "overrides": sizes["overrides"],
+        },
+        "results": list(results.values()),
+        "ratios": {
+            "decode_tokens_per_s": mf["decode"]["tokens_per_s"] / pythia["decode"]["tokens_per_s"],
+            "generate_tokens_per_s": mf["generate"]["tokens_per_s"] / pythia["generate"]["tokens_per_s"],
+            "prefill_tokens_per_s": prefill_ratios,
+        },
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one d = 64 layer per model (seconds)")
+    quick = parser.parse_args().quick
+    print(json.dumps({"blocks": run_block_benchmark(quick), "models": run_model_benchmark(quick)}, indent=1))
