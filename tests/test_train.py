@@ -153,3 +153,13 @@ def test_resume_from_another_model_is_refused(tiny_train_overrides):
     with pytest.raises(CheckpointError, match="num_hidden_layers"):
         pretrain(compose_config([*tiny_train_overrides, "model.num_hidden_layers=3"]))
 
+
+
+def test_pythia_baseline_trains_with_mfu(tiny_train_overrides):
+    """The same trainer trains the GPT-NeoX baselines; MFU is logged against the configured peak."""
+    overrides = [o for o in tiny_train_overrides if not o.startswith("model.")]
+    overrides = [o.replace("model=mf-nano", "model=pythia-14m") for o in overrides]
+    cfg = compose_config([*overrides, "model.num_hidden_layers=1", "train.peak_tflops=0.5", "train.max_steps=4"])
+    metrics = read_metrics(pretrain(cfg))
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert all(m["mfu"] == pytest.approx(m["tflops"] / 0.5) for m in metrics)

@@ -149,6 +149,20 @@ def greedy_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_t
     return tokenizer.decode(out[0, ids.shape[1] :])
 
 
+# Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not set (matched in the CUDA device name).
+GPU_PEAK_TFLOPS = {"H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    """Peak TFLOP/s of one device: the configured value, else a known GPU's; None (no MFU) on an unknown device."""
+    if configured is not None:
+        return float(configured)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
+    return None
+
+
 def zero3_sharded(accelerator: Accelerator) -> bool:
     """Whether parameters are sharded across ranks (ZeRO-3), so one rank alone cannot generate."""
     plugin = accelerator.state.deepspeed_plugin
@@ -242,6 +256,7 @@ def pretrain(cfg: DictConfig) -> Path:
         f"{geometry.accumulation_steps} micro-steps × {tc.micro_batch}; lr {lr:g} → {min_lr:g}"
     )
 
+    device_peak = peak_tflops(tc.peak_tflops)
     metrics_path = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start_step)  # steps after the resumed checkpoint are about to be redone
@@ -267,13 +282,15 @@ def pretrain(cfg: DictConfig) -> Path:
         done = step + 1
         loss_value = accelerator.reduce(step_loss, "mean").item()
         elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+        tflops = 3 * flops_per_token * tokens_per_step / elapsed / 1e12  # forward + backward ≈ 3× forward
         record = {
             "step": done,
             "loss": loss_value,
             "lr": scheduler.get_last_lr()[0],
             "tokens": done * tokens_per_step,
             "tokens_per_s": tokens_per_step / elapsed,
-            "tflops": 3 * flops_per_token * tokens_per_step / elapsed / 1e12,
+            "tflops": tflops,
+            "mfu": None if device_peak is None else tflops / (device_peak * geometry.world_size),
             # before clipping; None under DeepSpeed, which clips inside its engine
             "grad_norm": None if grad_norm is None else float(grad_norm),
         }
@@ -287,7 +304,7 @@ def pretrain(cfg: DictConfig) -> Path:
         progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         progress.update(1)
         if done % tc.log_every == 0 or "val_loss" in record:
-            accelerator.log({k: v for k, v in record.items() if k != "sample"}, step=done)
+            accelerator.log({k: v for k, v in record.items() if k != "sample" and v is not None}, step=done)
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
