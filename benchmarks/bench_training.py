@@ -5,7 +5,7 @@
 Settings come from ``conf/train/default.yaml`` (sequence 128, micro-batch 8, global batch 16, so two accumulation
 micro-steps per optimizer step; fp32 on CPU; AdamW with the model's recommended LR, weight decay groups, gradient
 clipping at 1.0, warmup + cosine schedule). One timed call is one optimizer step, built from the trainer's own
-pieces (``collate``, ``next_token_loss``, ``sample_indices``, ``build_optimizer``, ``build_scheduler``). The
+pieces (``collate``, ``sample_indices``, ``build_optimization``, ``train_step``). The
 batches are random tokens, not the corpus: throughput does not depend on which tokens they are, and the benchmark
 then needs no prepared data. The models take turns step by step (:func:`benchmarks.bench_kernels.time_side_by_side`,
 warm-up steps excluded).
@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 
 import torch
+from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from benchmarks.bench_kernels import summarise, time_side_by_side
 from memoryformer.config import compose_config
 from memoryformer.data import sample_indices
-from memoryformer.models import build_model_from_config, recommended_lr
-from memoryformer.train.loop import BatchGeometry, collate, next_token_loss
-from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler
+from memoryformer.models import build_model_from_config
+from memoryformer.train.loop import BatchGeometry, build_optimization, collate, train_step
 
 MODEL_PAIR = ("mf-nano", "pythia-14m")
 STEPS = 5  # timed optimizer steps per model (after warm-up)
@@ -41,26 +40,25 @@ QUICK_OVERRIDES = (
 
 
 def training_step_call(cfg: DictConfig) -> tuple[Callable[[int], object], int]:
-    """(fn(step), parameter count): fn runs optimizer step ``step`` of ``cfg.model`` as the trainer does on one
-    CPU process: accumulate ``global_batch / micro_batch`` micro-batches, clip, AdamW step, schedule step."""
+    """(fn(step), parameter count): fn runs optimizer step ``step`` of ``cfg.model`` with the trainer's own
+    :func:`~memoryformer.train.loop.train_step` on one CPU process, then steps the schedule."""
     tc = cfg.train
     geometry = BatchGeometry(tc.global_batch, tc.micro_batch, world_size=1)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=geometry.accumulation_steps)
     model = build_model_from_config(cfg.model).train()
-    lr, min_lr = recommended_lr(cfg.model.name)
-    settings = OptimizerSettings(lr, tc.weight_decay, tuple(tc.betas), tc.eps, tc.table_lr_multiplier)
-    optimizer = build_optimizer(model, settings)
-    scheduler = build_scheduler(optimizer, tc.max_steps, math.ceil(tc.warmup_fraction * tc.max_steps), lr, min_lr)
+    optimizer, scheduler = build_optimization(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
     # Enough random windows of seq_len + 1 tokens for every step time_side_by_side may run (warm-up included).
-    windows = torch.randint(model.config.vocab_size, ((STEPS + 3) * tc.global_batch, tc.seq_len + 1))
-    device = torch.device("cpu")
+    windows = torch.randint(
+        accelerator.unwrap_model(model).config.vocab_size, ((STEPS + 3) * tc.global_batch, tc.seq_len + 1)
+    )
 
     def step(i: int) -> None:
-        for indices in sample_indices(i, geometry.global_batch, geometry.micro_batch, 0, 1):
-            inputs, targets = collate(windows, indices, device)
-            (next_token_loss(model, inputs, targets) / geometry.accumulation_steps).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = (
+            collate(windows, indices, accelerator.device)
+            for indices in sample_indices(i, geometry.global_batch, geometry.micro_batch, 0, 1)
+        )
+        train_step(accelerator, model, optimizer, micro_batches, tc.grad_clip)
         scheduler.step()
 
     return step, sum(p.numel() for p in model.parameters())

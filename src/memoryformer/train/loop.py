@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,57 @@ def next_token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def learning_rates(cfg: DictConfig) -> tuple[float, float]:
+    """(peak, final) LR: ``train.lr`` / ``train.min_lr``, defaulting to the model's (spec §4 tables)."""
+    default_lr, default_min_lr = recommended_lr(cfg.model.name)
+    lr, min_lr = cfg.train.lr, cfg.train.min_lr
+    return (default_lr if lr is None else lr), (default_min_lr if min_lr is None else min_lr)
+
+
+def build_optimization(
+    model: torch.nn.Module, cfg: DictConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its warmup + cosine schedule from ``cfg.train`` (spec §4)."""
+    tc = cfg.train
+    lr, min_lr = learning_rates(cfg)
+    settings = OptimizerSettings(
+        lr=lr,
+        weight_decay=tc.weight_decay,
+        betas=tuple(tc.betas),
+        eps=tc.eps,
+        table_lr_multiplier=tc.table_lr_multiplier,
+    )
+    optimizer = build_optimizer(model, settings)
+    warmup = math.ceil(tc.warmup_fraction * tc.max_steps)
+    return optimizer, build_scheduler(optimizer, tc.max_steps, warmup, lr, min_lr)
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    grad_clip: float,
+) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over ``accelerator.gradient_accumulation_steps`` micro-batches, clipped.
+
+    Returns this rank's mean micro-batch loss and the gradient norm before clipping (None under DeepSpeed, which
+    clips inside its engine). The schedule is stepped by the caller.
+    """
+    step_loss = torch.zeros((), device=accelerator.device)
+    grad_norm = None
+    for inputs, targets in micro_batches:
+        with accelerator.accumulate(model):
+            loss = next_token_loss(model, inputs, targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.detach() / accelerator.gradient_accumulation_steps
+    return step_loss, None if grad_norm is None else float(grad_norm)
+
+
 @torch.no_grad()
 def validation_loss(
     accelerator: Accelerator, model: torch.nn.Module, samples: PackedSamples, batches: int, micro_batch: int
@@ -212,19 +264,8 @@ def pretrain(cfg: DictConfig) -> Path:
         cfg.data, tc.seq_len, cfg.seed, show_progress=accelerator.is_main_process
     )
     model = build_model_from_model_config(model_config)
-    default_lr, default_min_lr = recommended_lr(cfg.model.name)
-    lr = tc.lr if tc.lr is not None else default_lr
-    min_lr = tc.min_lr if tc.min_lr is not None else default_min_lr
-    settings = OptimizerSettings(
-        lr=lr,
-        weight_decay=tc.weight_decay,
-        betas=tuple(tc.betas),
-        eps=tc.eps,
-        table_lr_multiplier=tc.table_lr_multiplier,
-    )
-    optimizer = build_optimizer(model, settings)
-    warmup = math.ceil(tc.warmup_fraction * tc.max_steps)
-    scheduler = build_scheduler(optimizer, tc.max_steps, warmup, lr, min_lr)
+    optimizer, scheduler = build_optimization(model, cfg)
+    lr, min_lr = learning_rates(cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -265,19 +306,13 @@ def pretrain(cfg: DictConfig) -> Path:
     model.train()
     tick = time.perf_counter()
     for step in range(start_step, tc.max_steps):
-        step_loss = torch.zeros((), device=accelerator.device)
-        for indices in sample_indices(
-            step, geometry.global_batch, tc.micro_batch, accelerator.process_index, geometry.world_size
-        ):
-            with accelerator.accumulate(model):
-                inputs, targets = collate(train_samples, indices, accelerator.device)
-                loss = next_token_loss(model, inputs, targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach() / geometry.accumulation_steps
+        micro_batches = (
+            collate(train_samples, indices, accelerator.device)
+            for indices in sample_indices(
+                step, geometry.global_batch, tc.micro_batch, accelerator.process_index, geometry.world_size
+            )
+        )
+        step_loss, grad_norm = train_step(accelerator, model, optimizer, micro_batches, tc.grad_clip)
         scheduler.step()
         done = step + 1
         loss_value = accelerator.reduce(step_loss, "mean").item()
@@ -291,8 +326,7 @@ def pretrain(cfg: DictConfig) -> Path:
             "tokens_per_s": tokens_per_step / elapsed,
             "tflops": tflops,
             "mfu": None if device_peak is None else tflops / (device_peak * geometry.world_size),
-            # before clipping; None under DeepSpeed, which clips inside its engine
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "grad_norm": grad_norm,
         }
         if done % tc.eval_every == 0 or done == tc.max_steps:
             record["val_loss"] = validation_loss(accelerator, model, valid_samples, tc.eval_batches, tc.micro_batch)
