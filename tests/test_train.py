@@ -3,12 +3,14 @@
 import itertools
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from memoryformer.config import compose_config
 from memoryformer.train import pretrain
+from memoryformer.train.loop import resolve_run_dir
 from memoryformer.train.optim import OptimizerSettings, cosine_with_warmup, parameter_groups
 
 
@@ -45,8 +47,6 @@ def test_resume_equals_straight_run(tiny_train_overrides, tmp_path):
     straight = pretrain(compose_config(tiny_train_overrides))
     resumed_overrides = [*tiny_train_overrides, f"train.output_dir={tmp_path / 'resumed'}"]
     interrupted = pretrain(compose_config(resumed_overrides))
-    import shutil
-
     shutil.rmtree(interrupted / "checkpoints" / "step-00000006")
     shutil.rmtree(interrupted / "model")
     resumed = pretrain(compose_config(resumed_overrides))
@@ -81,7 +81,7 @@ def test_interrupted_checkpoint_is_ignored_by_resume(tiny_train_overrides, monke
     cfg = compose_config(tiny_train_overrides)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg)
-    checkpoints = cfg.train.output_dir and (pretrain.__globals__["resolve_run_dir"](cfg) / "checkpoints")
+    checkpoints = resolve_run_dir(cfg) / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "step-00000003"
     assert any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
     monkeypatch.setattr(Accelerator, "save_state", original)
@@ -152,7 +152,6 @@ def test_resume_from_another_model_is_refused(tiny_train_overrides):
     pretrain(compose_config(tiny_train_overrides))
     with pytest.raises(CheckpointError, match="num_hidden_layers"):
         pretrain(compose_config([*tiny_train_overrides, "model.num_hidden_layers=3"]))
-
 
 
 def test_pythia_baseline_trains_with_mfu(tiny_train_overrides):

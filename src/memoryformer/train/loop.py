@@ -9,9 +9,9 @@ come next (:func:`memoryformer.data.sample_indices`).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,8 +31,6 @@ from memoryformer.models.registry import build_model_from_model_config, model_co
 from memoryformer.reporting import write_text_atomic
 from memoryformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -374,8 +372,6 @@ def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path, ou
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if model_dir.exists():
-        import shutil
-
         shutil.rmtree(model_dir)
     tmp.rename(model_dir)
     write_text_atomic(output_dir / "LATEST", f"{model_dir.resolve()}\n")
