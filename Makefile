@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint pretrain sample flops data eval tables sweep buckets bench
+.PHONY: help setup test test-slow test-all lint pretrain sample flops data eval tables sweep buckets bench
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -26,6 +26,9 @@ sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PRO
 
 test: setup  ## the default test suite (offline, < ~10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup  ## only the slow tests (distributed launches, real signals, whole-data checks)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: setup  ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)

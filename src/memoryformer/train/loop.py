@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -30,7 +30,7 @@ from memoryformer.flops import model_flops_per_token
 from memoryformer.models.registry import build_model_from_model_config, model_config_from_config, recommended_lr
 from memoryformer.reporting import write_text_atomic
 from memoryformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler
+from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler, clip_grad_norm
 
 
 @dataclass(frozen=True)
@@ -164,11 +164,22 @@ def train_step(
             loss = next_token_loss(model, inputs, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+                grad_norm = clip_gradients(accelerator, model, optimizer, grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach() / accelerator.gradient_accumulation_steps
     return step_loss, None if grad_norm is None else float(grad_norm)
+
+
+def clip_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
+) -> torch.Tensor | None:
+    """Clip with :func:`clip_grad_norm`'s arithmetic; DeepSpeed clips inside its engine with the same arithmetic
+    and only reports the norm (None if it has not stepped)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    accelerator.unscale_gradients()  # a no-op unless fp16 loss scaling is on
+    return clip_grad_norm(optimizer, grad_clip)
 
 
 @torch.no_grad()
