@@ -1,5 +1,6 @@
 """Data pipeline (spec §4, "Data"): the GPT-NeoX-20B tokenizer, Megatron/GPT-NeoX indexed datasets (the format of
-Pythia's pre-tokenized Pile), corpus preparation, and packed training samples with an exact resume position."""
+Pythia's pre-tokenized Pile), corpus preparation, packed training samples with an exact resume position, and
+Pythia's Pile downloaded from the hub and replayed in Pythia's own order."""
 
 from memoryformer.data.build import build_datasets, corpus_key, prepare_configured_corpus
 from memoryformer.data.indexed_dataset import (
@@ -17,6 +18,11 @@ from memoryformer.data.prepare import (
     read_documents,
     tokenize_documents,
 )
+from memoryformer.data.pythia_pile import (
+    PythiaOrderSamples,
+    download_deduped_pile,
+    download_preshuffled_pile,
+)
 from memoryformer.data.samples import PackedSamples, sample_indices
 from memoryformer.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -27,8 +33,11 @@ __all__ = [
     "IndexedDatasetWriter",
     "PackedSamples",
     "PrepareStats",
+    "PythiaOrderSamples",
     "build_datasets",
     "corpus_key",
+    "download_deduped_pile",
+    "download_preshuffled_pile",
     "expand_sources",
     "in_validation_split",
     "load_tokenizer",
