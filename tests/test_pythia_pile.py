@@ -282,8 +282,8 @@ def test_pythia_order_refuses_other_lengths_and_past_the_end(tmp_path, pythia_ge
     with pytest.raises(ValueError, match="sequence 2 has 8 tokens"):
         PythiaOrderSamples(ragged.close(), seq_len=8)
     samples = PythiaOrderSamples(pythia_geometry, seq_len=2048, sequences=range(1024))
-    with pytest.raises(IndexError, match=r"train\.max_steps"):
-        samples[1024]  # no silent second epoch
+    with pytest.raises(IndexError, match=r"train\.max_steps or set data\.valid_prefix .* 2560 held-out"):
+        samples[1024]  # no silent second epoch, nor a step into the validation tail
 
 
 def test_build_datasets_pythia_order_holds_out_the_tail(tmp_path):

@@ -381,9 +381,11 @@ class PythiaOrderSamples(Dataset):
     def window(self, i: int) -> int:
         """The sequence of the dataset that global sample index ``i`` reads."""
         if not 0 <= i < len(self):
+            held_out = len(self.dataset) - self.sequences.stop
             raise IndexError(
                 f"sample {i} is outside Pythia's order over {self.dataset.prefix}, which holds {len(self)} samples "
                 f"({len(self) / PYTHIA_GLOBAL_BATCH:g} steps of {PYTHIA_GLOBAL_BATCH}); lower train.max_steps"
+                + (f" or set data.valid_prefix to train on the {held_out} held-out sequences" if held_out else "")
             )
         return self.sequences.start + i
 
