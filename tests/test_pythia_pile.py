@@ -310,3 +310,43 @@ def test_pile_pythia_order_config_composes(tmp_path):
     train, valid = build_datasets(cfg.data, cfg.train.seq_len, cfg.seed)
     assert (len(train), len(valid)) == (19, 1) and train[3][0].item() == 3
     assert compose_config(["data=pile"]).data.order == "packed"
+
+
+@pytest.mark.slow  # a real (tiny) training run: 15 s on the shared 2-core machine
+def test_trainer_reads_pythias_sequences_step_by_step(shared_data, tmp_path, monkeypatch):
+    """A tiny run on data=pile_pythia_order: step s trains on sequences [s·G, (s+1)·G), in order, and nothing else."""
+    from memoryformer.train import pretrain
+
+    write_preshuffled(tmp_path / "document", 64, 9)
+    read = []
+    original = PythiaOrderSamples.__getitem__
+
+    def spy(self, i):
+        read.append((self.sequences.start, int(i)))
+        return original(self, i)
+
+    monkeypatch.setattr(PythiaOrderSamples, "__getitem__", spy)
+    overrides = [
+        "data=pile_pythia_order",
+        f"data.train_prefix={tmp_path / 'document'}",
+        "data.valid_fraction=0.25",  # sequences 48–63
+        "model=mf-nano",
+        "model.num_hidden_layers=1",
+        "model.hidden_size=64",
+        "model.num_attention_heads=2",
+        "model.tau=4",
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.seq_len=8",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.checkpoint_every=2",
+        "train.sample_tokens=0",
+        "train.tracker=none",
+        "train.eval_at_end=false",
+    ]
+    pretrain(compose_config(overrides))
+    assert [i for start, i in read if start == 0] == list(range(16))  # 2 steps × 8, in Pythia's order
+    assert sorted({i + start for start, i in read if start != 0}) == list(range(48, 52))  # validation: the tail
