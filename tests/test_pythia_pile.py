@@ -3,9 +3,13 @@ replays Pythia's data order. The hub is faked: ``huggingface_hub.hf_hub_download
 
 import dataclasses
 import hashlib
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -231,6 +235,31 @@ def test_command_line_downloads_and_prints_the_prefix(published, tmp_path, monke
     prefix = pythia_pile.main(["--dest", str(tmp_path / "cli"), "--release", "preshuffled"])
     assert capsys.readouterr().out.strip() == str(prefix)
     assert (tmp_path / "cli" / f"{release.name}.bin").read_bytes() == source_bin
+
+
+def test_unreachable_hub_names_the_way_out(tmp_path, monkeypatch, capsys):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("offline mode is enabled")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(SystemExit, match=r"HF_HUB_OFFLINE is set\. Run this on a machine with internet"):
+        pythia_pile.main(["--dest", str(tmp_path)])
+    assert not (tmp_path / f"{DEDUPED_PILE.name}.bin").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: 14 s on the shared 2-core machine
+def test_module_command_runs_without_warnings():
+    """`python -m memoryformer.data.pythia_pile` must not find itself pre-imported by its package (runpy warns)."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "memoryformer.data.pythia_pile", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(pythia_pile.__file__).parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--release {deduped,preshuffled}" in result.stdout
 
 
 # --- Pythia's order -------------------------------------------------------------------------------------------

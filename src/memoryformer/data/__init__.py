@@ -18,11 +18,6 @@ from memoryformer.data.prepare import (
     read_documents,
     tokenize_documents,
 )
-from memoryformer.data.pythia_pile import (
-    PythiaOrderSamples,
-    download_deduped_pile,
-    download_preshuffled_pile,
-)
 from memoryformer.data.samples import PackedSamples, sample_indices
 from memoryformer.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -49,3 +44,15 @@ __all__ = [
     "tokenize_documents",
     "tokenizer_fingerprint",
 ]
+
+_PYTHIA_PILE_API = {"PythiaOrderSamples", "download_deduped_pile", "download_preshuffled_pile"}
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that `python -m memoryformer.data.pythia_pile` (its download command) does not find
+    # its own module already imported by this package (runpy would warn and run it twice).
+    if name in _PYTHIA_PILE_API:
+        from memoryformer.data import pythia_pile
+
+        return getattr(pythia_pile, name)
+    raise AttributeError(f"module 'memoryformer.data' has no attribute {name!r}")

@@ -29,15 +29,17 @@ import shutil
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from memoryformer.data.indexed_dataset import IndexedDataset
 from memoryformer.data.prepare import expand_sources, prepare_corpus
-from memoryformer.data.pythia_pile import PythiaOrderSamples, pythia_order_datasets
 from memoryformer.data.samples import PackedSamples
 from memoryformer.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from memoryformer.data.pythia_pile import PythiaOrderSamples
 
 logger = logging.getLogger(__name__)
 PREPARED_FORMAT = 1  # bump when prepare_corpus's output for the same input changes
@@ -146,9 +148,9 @@ def _open_prefix(prefix: str | None, name: str, key: str) -> IndexedDataset:
         return IndexedDataset(prefix)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"data config {name!r}: {err}. Download Pythia's pre-tokenized deduplicated Pile with `python -m "
-            f"memoryformer.data.pythia_pile --dest DIR` (see data/README.md) and set the config value data.{key} "
-            f"to DIR/pile_0.87_deduped_text_document"
+            f"data config {name!r}: {err}. Download Pythia's pre-tokenized deduplicated Pile "
+            f"(EleutherAI/pythia_deduped_pile_idxmaps) with `python -m memoryformer.data.pythia_pile --dest DIR` "
+            f"(see data/README.md) and set the config value data.{key} to DIR/pile_0.87_deduped_text_document"
         ) from err
 
 
@@ -159,6 +161,8 @@ def build_datasets(
     cfg = _as_dict(data_cfg)
     order = cfg.get("order", "packed")
     if order == "pythia":
+        from memoryformer.data.pythia_pile import pythia_order_datasets  # lazily: see memoryformer.data.__getattr__
+
         return pythia_order_datasets(cfg, seq_len, seed)
     if order != "packed":
         raise ValueError(f"data config {cfg.get('name')!r}: order must be packed or pythia, got {order!r}")

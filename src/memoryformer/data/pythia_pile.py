@@ -190,12 +190,18 @@ SHARDS_DIR = "shards"  # under ``dest``: huggingface_hub's local_dir for the dow
 def _fetch(release: ShardedRelease, filename: str, dest: Path, revision: str | None) -> Path:
     """One file of ``release``, downloaded (or found complete) by huggingface_hub under ``dest/shards``."""
     import huggingface_hub  # imported here: reading the data needs no hub client
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return Path(
-        huggingface_hub.hf_hub_download(
+    try:
+        path = huggingface_hub.hf_hub_download(
             release.repo_id, filename, repo_type="dataset", revision=revision, local_dir=dest / SHARDS_DIR
         )
-    )
+    except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE=1) or no connection, and not downloaded yet
+        raise PileDownloadError(
+            f"cannot download {release.repo_id}/{filename}: the hub is unreachable or HF_HUB_OFFLINE is set. Run "
+            f"this on a machine with internet (it resumes where it stopped) and copy {dest} to this one"
+        ) from err
+    return Path(path)
 
 
 def _sha256(path: Path, limit: int | None = None) -> hashlib._Hash:
@@ -450,7 +456,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--keep-shards", action="store_true", help="keep the downloaded shards (double the disk)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prefix = download_release(RELEASES[args.release], args.dest, args.revision, args.keep_shards)
+    try:
+        prefix = download_release(RELEASES[args.release], args.dest, args.revision, args.keep_shards)
+    except PileDownloadError as err:
+        raise SystemExit(f"error: {err}") from err
     print(prefix)
     return prefix
 
