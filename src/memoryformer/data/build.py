@@ -8,6 +8,8 @@ Two kinds of data config:
   that :func:`~memoryformer.data.prepare.in_validation_split` holds out with ``valid_fraction``.
 - **pre-tokenized** (``train_prefix``, e.g. Pythia's deduped Pile): read in place. Validation is ``valid_prefix``
   when given, else the last ``valid_fraction`` of documents (GPT-NeoX also splits by contiguous document ranges).
+  With ``order: pythia`` the pair holds Pythia's training samples in training order and sample i is sequence i
+  (:func:`~memoryformer.data.pythia_pile.pythia_order_datasets`).
 
 Concurrency: every process may call :func:`build_datasets` at once (e.g. each data-parallel rank). Preparation
 runs under an exclusive file lock (``fcntl.flock`` on ``prepared_dir/<name>-<key>.lock``): the first process
@@ -27,7 +29,7 @@ import shutil
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +37,9 @@ from memoryformer.data.indexed_dataset import IndexedDataset
 from memoryformer.data.prepare import expand_sources, prepare_corpus
 from memoryformer.data.samples import PackedSamples
 from memoryformer.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from memoryformer.data.pythia_pile import PythiaOrderSamples
 
 logger = logging.getLogger(__name__)
 PREPARED_FORMAT = 1  # bump when prepare_corpus's output for the same input changes
@@ -144,16 +149,23 @@ def _open_prefix(prefix: str | None, name: str, key: str) -> IndexedDataset:
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"data config {name!r}: {err}. Download Pythia's pre-tokenized deduplicated Pile "
-            f"(EleutherAI/pythia_deduped_pile_idxmaps, merged with EleutherAI/pythia's utils/unshard_memmap.py; "
-            f"see data/README.md) and set the config value data.{key} to its path prefix (without .bin/.idx)"
+            f"(EleutherAI/pythia_deduped_pile_idxmaps) with `python -m memoryformer.data.pythia_pile --dest DIR` "
+            f"(see data/README.md) and set the config value data.{key} to DIR/pile_0.87_deduped_text_document"
         ) from err
 
 
 def build_datasets(
     data_cfg: Mapping | DictConfig, seq_len: int, seed: int, show_progress: bool = True
-) -> tuple[PackedSamples, PackedSamples]:
+) -> tuple[PackedSamples | PythiaOrderSamples, PackedSamples | PythiaOrderSamples]:
     """(train, validation) samples of a ``conf/data/*.yaml`` node; safe to call from every rank at once."""
     cfg = _as_dict(data_cfg)
+    order = cfg.get("order", "packed")
+    if order == "pythia":
+        from memoryformer.data.pythia_pile import pythia_order_datasets  # lazily: see memoryformer.data.__getattr__
+
+        return pythia_order_datasets(cfg, seq_len, seed)
+    if order != "packed":
+        raise ValueError(f"data config {cfg.get('name')!r}: order must be packed or pythia, got {order!r}")
     shuffle = bool(cfg.get("shuffle", True))
     if cfg.get("train_files"):
         directory = prepare_configured_corpus(cfg, show_progress)
