@@ -15,13 +15,32 @@ from memoryformer.paths import PROJECT_ROOT, shared_data_dir
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
+def _source_path(name: str) -> str:
+    from memoryformer.sources import resolve
+
+    return str(resolve(name).path)
+
+
+def _sample_files(corpus: str = "auto") -> list[str]:
+    from memoryformer.sources import sample_files
+
+    return sample_files(corpus)
+
+
 def register_resolvers() -> None:
     """``${shared_data:SUBPATH}`` → absolute path under the shared data directory ($MEMORYFORMER_DATA or
-    ../shared/data); ``${project_root:SUBPATH}`` → absolute path under the repository."""
+    ../shared/data); ``${project_root:SUBPATH}`` → absolute path under the repository; ``${source:NAME}`` → the
+    path of a catalogued input (:func:`memoryformer.sources.resolve`: local copy, else the hub, else one clear
+    error); ``${sample_files:CORPUS}`` → the text files of the pretraining sample
+    (:func:`memoryformer.sources.sample_files`)."""
     if not OmegaConf.has_resolver("shared_data"):
         OmegaConf.register_new_resolver("shared_data", lambda sub="": str(shared_data_dir() / sub))
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda sub="": str(PROJECT_ROOT / sub))
+    if not OmegaConf.has_resolver("source"):
+        OmegaConf.register_new_resolver("source", _source_path)
+    if not OmegaConf.has_resolver("sample_files"):
+        OmegaConf.register_new_resolver("sample_files", _sample_files)
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
