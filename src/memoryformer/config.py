@@ -43,6 +43,44 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sample_files", _sample_files)
 
 
+# The data config values that may name catalogued inputs (through ${source:...} / ${sample_files:...}).
+_DATA_INPUT_KEYS = ("tokenizer", "train_files", "valid_files", "train_prefix", "valid_prefix")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (OmegaConf re-raises a resolver's error inside its own)."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    return error
+
+
+def check_run_inputs(cfg: DictConfig) -> None:
+    """Before any training: every input the run reads resolves — the data config's tokenizer and corpus and,
+    with ``train.eval_at_end``, the eval tasks — or one :class:`~memoryformer.sources.MissingInputError` naming
+    all the missing ones and every way out (issue 11). Inputs that resolve to the hub are fetched here."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from memoryformer.evaluation.tasks import check_eval_inputs
+    from memoryformer.sources import MissingInputError
+
+    missing = []
+    for key in _DATA_INPUT_KEYS:
+        try:
+            OmegaConf.select(cfg.data, key)
+        except InterpolationResolutionError as error:
+            cause = _root_cause(error)
+            if not isinstance(cause, MissingInputError):
+                raise
+            missing += cause.missing
+    if OmegaConf.select(cfg, "train.eval_at_end"):
+        try:
+            check_eval_inputs(cfg.eval)
+        except MissingInputError as error:
+            missing += error.missing
+    if missing:
+        raise MissingInputError.for_inputs(missing)
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """The composed config of ``conf/<config_name>.yaml`` with Hydra command-line style overrides."""
     from hydra import compose, initialize_config_dir

@@ -89,7 +89,18 @@ class Resolved:
 
 
 class MissingInputError(FileNotFoundError):
-    """No source of an input could be used; the message names every way out."""
+    """No source of an input could be used; the message names every way out.
+
+    ``missing`` holds (input name, explicit path) pairs, so several errors can be merged into one message.
+    """
+
+    def __init__(self, message: str, missing: Sequence[tuple[str, str | os.PathLike | None]] = ()):
+        super().__init__(message)
+        self.missing = list(missing)
+
+    @classmethod
+    def for_inputs(cls, missing: Sequence[tuple[str, str | os.PathLike | None]]) -> MissingInputError:
+        return cls(missing_message([name for name, _ in missing], [path for _, path in missing]), missing)
 
 
 def _eval_input(task: str, path: str, config: str | None, split: str, file: str, licence: str) -> Input:
@@ -120,12 +131,14 @@ _INPUTS = [
         hub=HubOrigin("EleutherAI/gpt-neox-20b", "model", files=("tokenizer.json",)),
     ),
     _eval_input("piqa", "baber/piqa", None, "validation", "piqa/validation.jsonl", "AFL-3.0"),
-    _eval_input("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "winogrande_xl/validation.jsonl",
-                "CC BY"),
+    _eval_input(
+        "winogrande", "allenai/winogrande", "winogrande_xl", "validation", "winogrande_xl/validation.jsonl", "CC BY"
+    ),
     _eval_input("wsc", "aps/super_glue", "wsc.fixed", "validation", "wsc/validation.jsonl", "CC BY 4.0"),
     _eval_input("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "arc_easy/test.jsonl", "CC BY-SA 4.0"),
-    _eval_input("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "arc_challenge/test.jsonl",
-                "CC BY-SA 4.0"),
+    _eval_input(
+        "arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "arc_challenge/test.jsonl", "CC BY-SA 4.0"
+    ),
     _eval_input("logiqa", "EleutherAI/logiqa", "logiqa", "test", "logiqa/test.jsonl", "none stated (research use)"),
     Input(
         name="shared-sample",
@@ -145,8 +158,10 @@ _INPUTS = [
         config_key="data.train_files",
         licence="card: bigscience-bloom-rail-1.0; documents keep their Pile components' terms",
         hub=HubOrigin(
-            "NeelNanda/pile-10k", "dataset", revision="127bfedcd5047750df5ccf3a12979a47bfa0bafa",
-            files=("data/*.parquet",)
+            "NeelNanda/pile-10k",
+            "dataset",
+            revision="127bfedcd5047750df5ccf3a12979a47bfa0bafa",
+            files=("data/*.parquet",),
         ),
         kind="parquet_text",
     ),
@@ -227,7 +242,7 @@ def resolve(name: str, explicit: str | os.PathLike | None = None, fetch: bool = 
         if entry.at_run_time == "fetch" and fetch:
             log.warning("%s: no local copy; fetching %s into %s", name, entry.hub.describe(), cache_dir())
             return Resolved(name, download_input(entry), "hub", entry.hub.describe())
-    raise MissingInputError(missing_message([name], [explicit]))
+    raise MissingInputError.for_inputs([(name, explicit)])
 
 
 def resolve_all(names: Sequence[str], explicit: Sequence[str | os.PathLike | None]) -> dict[str, Resolved]:
@@ -236,22 +251,25 @@ def resolve_all(names: Sequence[str], explicit: Sequence[str | os.PathLike | Non
     for name, path in zip(names, explicit, strict=True):
         try:
             resolved[name] = resolve(name, path)
-        except MissingInputError:
-            missing.append((name, path))
+        except MissingInputError as error:
+            missing += error.missing
     if missing:
-        raise MissingInputError(missing_message([m[0] for m in missing], [m[1] for m in missing]))
+        raise MissingInputError.for_inputs(missing)
     return resolved
 
 
 def missing_message(names: Sequence[str], explicit: Sequence[str | os.PathLike | None]) -> str:
     """The one message for inputs that did not resolve: what is missing, where it was looked for, the ways out."""
     entries = [get_input(n) for n in names]
-    looked = [str(Path(p).expanduser()) for p in explicit if p is not None]
-    looked += [str(root / pattern) for e in entries for root in data_roots() for pattern in e.patterns()]
-    lines = [f"missing input{'s' if len(entries) > 1 else ''}: " + "; ".join(
-        f"{e.name} ({e.description}" + (f", {e.hub.describe()})" if e.hub else ")") for e in entries
-    )]
-    lines.append("looked for: " + ", ".join(dict.fromkeys(looked)))
+    lines = [
+        f"missing input{'s' if len(entries) > 1 else ''}: "
+        + "; ".join(f"{e.name} ({e.description}" + (f", {e.hub.describe()})" if e.hub else ")") for e in entries)
+    ]
+    configured = [str(Path(p).expanduser()) for p in explicit if p is not None]
+    if configured:
+        lines.append("looked for (config): " + ", ".join(dict.fromkeys(configured)))
+    patterns = ", ".join(dict.fromkeys(pattern for e in entries for pattern in e.patterns()))
+    lines += [f"looked for under {root}/: {patterns}" for root in dict.fromkeys(data_roots())]
     online = [e for e in entries if e.hub is not None and e.at_run_time in ("fetch", "builtin")]
     if online and hub_offline():
         set_vars = [v for v in OFFLINE_ENV_VARS if os.environ.get(v)]
@@ -315,7 +333,7 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def _git_blob_sha1(path: Path) -> str:
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 (git's object id, not security)
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             digest.update(block)
@@ -421,9 +439,7 @@ def download_input(entry: Input, root: Path | None = None, revision: str | None 
             else:
                 for row in rows:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        _write_source(
-            target.parent, entry, [{"file": target.name, "rows": len(rows), "sha256": sha256_of(target)}]
-        )
+        _write_source(target.parent, entry, [{"file": target.name, "rows": len(rows), "sha256": sha256_of(target)}])
     elif entry.kind == "pile":
         from memoryformer.data.pythia_pile import download_deduped_pile  # built on another branch (issue 11, item 4)
 

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation with lm-eval-harness on the paper's six tasks (local files or the hub), and Table 1 (spec §6)."""
+"""Zero-shot evaluation with lm-eval-harness on the paper's six tasks (local files or hub), and Table 1 (spec §6)."""
 
 from memoryformer.evaluation.harness import build_lm, default_model_name, evaluate_checkpoint, latest_checkpoint
 from memoryformer.evaluation.paper_results import PAPER_TABLE1, paper_row

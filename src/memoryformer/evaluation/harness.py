@@ -1,9 +1,9 @@
 """Zero-shot evaluation of a checkpoint with lm-eval-harness (spec §6): the model adapter and ``make eval``.
 
 The scores are lm-eval's own: the model is wrapped in its ``HFLM`` class and run through ``simple_evaluate`` on
-the tasks of :mod:`memoryformer.evaluation.tasks` (local files, or lm-eval's built-ins reading the hub). A checkpoint is a directory in Hugging Face format (our
-MemoryFormer or Pythia-architecture runs, any GPT-NeoX model), a hub id with a revision (online only), or a model
-object in memory (the trainer's ``eval_at_end``).
+the tasks of :mod:`memoryformer.evaluation.tasks` (local files, or lm-eval's built-ins reading the hub). A
+checkpoint is a directory in Hugging Face format (our MemoryFormer or Pythia-architecture runs, any GPT-NeoX
+model), a hub id with a revision (online only), or a model object in memory (the trainer's ``eval_at_end``).
 """
 
 from __future__ import annotations
@@ -74,12 +74,9 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
 
 
 def run_of(checkpoint: str | os.PathLike) -> Path | None:
-    """The run directory of a run's saved model (``runs/<run>/model`` beside the trainer's ``config.yaml``)."""
+    """The run directory of a run's saved model (``runs/<run>/model``, as the trainer writes it), else None."""
     path = Path(checkpoint).expanduser()
-    if not path.exists():
-        return None
-    path = path.resolve()
-    return path.parent if path.name == "model" and (path.parent / RUN_CONFIG).is_file() else None
+    return path.resolve().parent if path.is_dir() and path.resolve().name == "model" else None
 
 
 def default_model_name(checkpoint: str | os.PathLike | PreTrainedModel, revision: str | None = None) -> str:
@@ -92,8 +89,8 @@ def default_model_name(checkpoint: str | os.PathLike | PreTrainedModel, revision
         return Path(name_or_path).name or checkpoint.config.model_type
     run = run_of(checkpoint)
     if run is not None:
-        name = OmegaConf.select(OmegaConf.load(run / RUN_CONFIG), "model.name")
-        return str(name or run.name)
+        has_config = (run / RUN_CONFIG).is_file()
+        return str((has_config and OmegaConf.select(OmegaConf.load(run / RUN_CONFIG), "model.name")) or run.name)
     path = Path(checkpoint)
     if path.exists():
         return path.resolve().name

@@ -114,9 +114,7 @@ def local_overrides(name: str, data_file: str | os.PathLike) -> dict[str, Any]:
     return overrides
 
 
-def task_config(
-    name: str, data_dir: str | os.PathLike | None = None, source: Resolved | None = None
-) -> dict[str, Any]:
+def task_config(name: str, data_dir: str | os.PathLike | None = None, source: Resolved | None = None) -> dict[str, Any]:
     """lm-eval's built-in config of task ``name``: unchanged for the hub, its dataset source replaced for a file."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -155,7 +153,9 @@ def load_tasks(
 
 
 def write_task_yamls(
-    out_dir: str | os.PathLike, names: list[str] | tuple[str, ...] = PAPER_TASKS, data_dir: str | os.PathLike | None = None
+    out_dir: str | os.PathLike,
+    names: list[str] | tuple[str, ...] = PAPER_TASKS,
+    data_dir: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Write one YAML per task with local data into ``out_dir``, for ``lm_eval --include_path out_dir``.
 
