@@ -265,3 +265,41 @@ def test_scripts_stop_at_once_when_nothing_resolves(roots, tmp_path, script):
     assert "MEMORYFORMER_DATA=" in done.stderr and "unset HF_HUB_OFFLINE" in done.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
     assert seconds < 120, f"{script} took {seconds:.0f} s to fail"
+
+
+# --- a fresh clone with the hub (faked): pretrain and its end-of-run eval run end to end ------------------------
+
+
+@pytest.mark.slow  # ~3 min on this busy 2-core machine (training, then lm-eval)
+def test_fresh_clone_pretrains_and_evaluates_from_the_hub(
+    shared_data, tiny_corpus, tiny_train_overrides, roots, online, monkeypatch, tmp_path
+):
+    """No shared data, no cache: the tokenizer and pile-10k are fetched into the cache, the eval task is read by
+    lm-eval's built-in task from the hub (all faked); the run records where each came from."""
+    from memoryformer.config import check_run_inputs, compose_config
+    from memoryformer.train import pretrain
+
+    neox = (shared_data / NEOX_JSON).read_bytes()
+    texts = [json.loads(line)["text"] for line in tiny_corpus["train"].read_text().splitlines()]
+    FakeHub(
+        monkeypatch,
+        {
+            ("EleutherAI/gpt-neox-20b", "tokenizer.json"): neox,
+            ("NeelNanda/pile-10k", "data/train-00000-of-00001.parquet"): pile_10k_parquet(texts),
+        },
+    )
+    wsc = datasets.load_dataset("json", data_files=str(shared_data / "eval/wsc/validation.jsonl"), split="train")
+    hub_sets = {("aps/super_glue", "wsc.fixed"): datasets.DatasetDict({"train": wsc, "validation": wsc})}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kwargs: hub_sets[path, name])
+    local_only = ("data.train_files", "data.valid_files", "data.prepared_dir")
+    overrides = [o for o in tiny_train_overrides if not o.startswith(local_only)]
+    overrides += [f"data.prepared_dir={tmp_path / 'prepared'}", "train.eval_at_end=true", "train.eval_limit=2"]
+    cfg = compose_config([*overrides, "eval.tasks=[wsc]"])
+    check_run_inputs(cfg)  # what the trainer calls at start-up: fetches the tokenizer and the sample
+    run_dir = pretrain(cfg)
+    assert (roots.cache / NEOX_JSON).read_bytes() == neox
+    (meta,) = (tmp_path / "prepared").glob("tiny-*/meta.json")
+    assert json.loads(meta.read_text())["train_files"] == [str(roots.cache / "pretrain/pile-10k/train.jsonl")]
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["data_sources"] == {"wsc": "hub: hub dataset aps/super_glue (wsc.fixed) [validation]"}
+    assert results["model_info"]["name"] == "mf-nano" and 0 <= results["results"]["wsc"]["acc,none"] <= 1
