@@ -152,7 +152,7 @@ _INPUTS = [
     ),
     Input(
         name="pile-10k",
-        description="NeelNanda/pile-10k: the first 10,000 documents of the Pile (~33 MB parquet)",
+        description="NeelNanda/pile-10k: the first 10,000 documents of the Pile",
         local="pretrain/pile-10k/train.jsonl",
         group="sample",
         config_key="data.train_files",
