@@ -24,7 +24,7 @@ pretrain: setup  ## train MODEL (default mf-nano on the local sample, CPU, minut
 
 # The prompt reaches the script through the environment (conf/sample.yaml reads it), so any quotes in it survive.
 ifdef PROMPT
-sample: export MEMORYFORMER_PROMPT = $(PROMPT)
+sample: export MEMORYFORMER_PROMPT = $(value PROMPT)
 endif
 sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="The old man's dog"]
 	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT))

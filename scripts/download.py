@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--what",
         default=",".join(DEFAULT_GROUPS),
-        help=f"comma-separated groups from {','.join(GROUPS)} (default: {','.join(DEFAULT_GROUPS)}; pile is ~1 TB)",
+        help=f"comma-separated groups from {','.join(GROUPS)} (default: {','.join(DEFAULT_GROUPS)}; "
+        "pile needs hundreds of GB)",
     )
     parser.add_argument("--root", type=Path, default=None, help=f"target directory (default: {cache_dir()})")
     parser.add_argument("--revision", default=None, help="hub revision instead of the catalogue's (e.g. for pile)")

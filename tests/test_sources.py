@@ -185,11 +185,20 @@ def test_sample_falls_back_to_pile_10k_and_shared_never_does(roots, online, monk
         sample_files("gutenberg")
 
 
-def test_sample_beside_the_shared_data_is_todays(shared_data):
-    assert sample_files("auto") == [
+def test_beside_the_shared_data_every_input_is_todays(shared_data):
+    """The same paths as before the catalogue, so the same prepared corpus key (same tokens) and eval files."""
+    from memoryformer.config import compose_config
+    from memoryformer.evaluation import check_eval_inputs
+
+    cfg = compose_config([])
+    assert cfg.data.tokenizer == str(shared_data / "tokenizers/gpt-neox-20b")
+    assert list(cfg.data.train_files) == [
         str(shared_data / "pretrain/gutenberg/gutenberg-*.jsonl"),
         str(shared_data / "pretrain/pile/pile_sample_tuned_lens.jsonl"),
     ]
+    assert sample_files("auto") == list(cfg.data.train_files)
+    sources = check_eval_inputs(cfg.eval)
+    assert {t: s.path for t, s in sources.items()} == {t: shared_data / "eval" / TASKS[t].data_file for t in TASKS}
 
 
 def fake_eval_rows(monkeypatch, fail_once: set[str] = frozenset()):
@@ -265,6 +274,23 @@ def test_scripts_stop_at_once_when_nothing_resolves(roots, tmp_path, script):
     assert "MEMORYFORMER_DATA=" in done.stderr and "unset HF_HUB_OFFLINE" in done.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
     assert seconds < 120, f"{script} took {seconds:.0f} s to fail"
+
+
+def test_make_sample_passes_any_prompt_through(tmp_path, monkeypatch):
+    """`make sample PROMPT="The old man's dog"`: the quote reaches the script (via the environment) and its config."""
+    from memoryformer.config import compose_config
+
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\nprintf "%s|%s" "$*" "$MEMORYFORMER_PROMPT"\n')
+    fake_python.chmod(0o755)
+    prompt = """The old man's dog said "woof", $HOME & co"""
+    make = ["make", "-s", "-o", "setup", "sample", f"PY={fake_python}"]  # -o setup: no venv needed
+    done = subprocess.run([*make, f"PROMPT={prompt}"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout == f"scripts/sample.py|{prompt}"
+    monkeypatch.setenv("MEMORYFORMER_PROMPT", prompt)
+    assert compose_config(config_name="sample").prompt == prompt
+    monkeypatch.delenv("MEMORYFORMER_PROMPT")
+    assert compose_config(config_name="sample").prompt == "The meaning of life is"
 
 
 # --- a fresh clone with the hub (faked): pretrain and its end-of-run eval run end to end ------------------------

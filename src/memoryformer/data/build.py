@@ -144,8 +144,8 @@ def _open_prefix(prefix: str | None, name: str, key: str) -> IndexedDataset:
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"data config {name!r}: {err}. Download Pythia's pre-tokenized deduplicated Pile "
-            f"(EleutherAI/pythia_deduped_pile_idxmaps, merged with EleutherAI/pythia's utils/unshard_memmap.py; "
-            f"see data/README.md) and set the config value data.{key} to its path prefix (without .bin/.idx)"
+            f"(EleutherAI/pythia_deduped_pile_idxmaps: `make download WHAT=pile`, see data/README.md) "
+            f"and set the config value data.{key} to its path prefix (without .bin/.idx)"
         ) from err
 
 
