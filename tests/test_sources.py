@@ -201,16 +201,19 @@ def test_beside_the_shared_data_every_input_is_todays(shared_data):
     assert {t: s.path for t, s in sources.items()} == {t: shared_data / "eval" / TASKS[t].data_file for t in TASKS}
 
 
-def fake_eval_rows(monkeypatch, fail_once: set[str] = frozenset()):
-    """datasets.load_dataset answering each eval set with two rows; records calls; fails once for some sets."""
+def fake_eval_rows(monkeypatch, fail_once: set[str] = frozenset(), short: str | None = None):
+    """datasets.load_dataset answering each eval set with its published number of synthetic rows (one fewer for
+    ``short``); records calls; fails once for the sets in ``fail_once``."""
     calls, failing = [], set(fail_once)
+    sizes = {(e.hub.repo_id, e.hub.config): e.hub.rows for e in INPUTS.values() if e.group == "eval"}
 
     def load_dataset(path, name=None, split=None, revision=None, **kwargs):
         calls.append((path, name, split))
         if path in failing:
             failing.discard(path)
             raise ConnectionError(f"connection dropped while fetching {path}")
-        return datasets.Dataset.from_list([{"source": path, "i": i} for i in range(2)])
+        rows = sizes[path, name] - (path == short)
+        return datasets.Dataset.from_list([{"source": path, "i": i} for i in range(rows)])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return calls
@@ -230,8 +233,24 @@ def test_interrupted_eval_download_resumes_where_it_stopped(roots, online, monke
         found = resolve(f"eval/{task}")
         assert found.origin == "local" and found.path == roots.cache / "eval" / spec.data_file
     rows = [json.loads(line) for line in (roots.cache / "eval/logiqa/test.jsonl").read_text().splitlines()]
-    assert rows == [{"source": "EleutherAI/logiqa", "i": 0}, {"source": "EleutherAI/logiqa", "i": 1}]
-    assert json.loads((roots.cache / "eval/logiqa" / sources.SOURCE_FILE).read_text())["files"][0]["rows"] == 2
+    assert rows == [{"source": "EleutherAI/logiqa", "i": i} for i in range(651)]
+    assert json.loads((roots.cache / "eval/logiqa" / sources.SOURCE_FILE).read_text())["files"][0]["rows"] == 651
+
+
+def test_download_script_checks_the_published_size(roots, online, monkeypatch, tmp_path):
+    """scripts/download.py (`make download`) into another root; a set with a row missing is refused, unwritten."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("download", PROJECT_ROOT / "scripts" / "download.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fake_eval_rows(monkeypatch, short="EleutherAI/logiqa")
+    with pytest.raises(
+        ValueError, match=r"EleutherAI/logiqa \(logiqa\) \[test\] has 650 rows, the published split has 651"
+    ):
+        script.main(["--what", "eval", "--root", str(tmp_path / "offline")])
+    assert (tmp_path / "offline/eval/wsc/validation.jsonl").is_file()
+    assert not (tmp_path / "offline/eval/logiqa/test.jsonl").exists() and not (roots.cache / "eval").exists()
 
 
 def test_run_inputs_checked_at_once_in_one_message(roots):

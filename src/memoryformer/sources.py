@@ -49,6 +49,7 @@ class HubOrigin:
     files: tuple[str, ...] = ()  # glob patterns of repository files (file inputs)
     config: str | None = None  # a `datasets` configuration name (dataset inputs)
     split: str | None = None  # the split the project uses (dataset inputs)
+    rows: int | None = None  # its published number of rows, where the project depends on it (eval sets)
     sha256: tuple[tuple[str, str], ...] = ()  # (file, sha256) pinned by the project where published
 
     def describe(self) -> str:
@@ -103,7 +104,7 @@ class MissingInputError(FileNotFoundError):
         return cls(missing_message([name for name, _ in missing], [path for _, path in missing]), missing)
 
 
-def _eval_input(task: str, path: str, config: str | None, split: str, file: str, licence: str) -> Input:
+def _eval_input(task: str, path: str, config: str | None, split: str, file: str, rows: int, licence: str) -> Input:
     return Input(
         name=f"eval/{task}",
         description=f"{task} {split} split",
@@ -111,14 +112,15 @@ def _eval_input(task: str, path: str, config: str | None, split: str, file: str,
         group="eval",
         config_key="eval.data_dir",
         licence=licence,
-        hub=HubOrigin(path, "dataset", config=config, split=split),
+        hub=HubOrigin(path, "dataset", config=config, split=split, rows=rows),
         kind="dataset_jsonl",
         at_run_time="builtin",
     )
 
 
-# lm-eval 0.4.13's built-in dataset_path / dataset_name and evaluated split per task (../shared/data/SOURCES.md §1;
-# tests check them against the installed YAMLs). Local files: the layout of ../shared/data/eval.
+# lm-eval 0.4.13's built-in dataset_path / dataset_name, evaluated split and its published size per task
+# (../shared/data/SOURCES.md §1; tests check them against the installed YAMLs). Local files: the layout of
+# ../shared/data/eval.
 _INPUTS = [
     Input(
         name="tokenizer",
@@ -130,16 +132,24 @@ _INPUTS = [
         licence="Apache-2.0",
         hub=HubOrigin("EleutherAI/gpt-neox-20b", "model", files=("tokenizer.json",)),
     ),
-    _eval_input("piqa", "baber/piqa", None, "validation", "piqa/validation.jsonl", "AFL-3.0"),
+    _eval_input("piqa", "baber/piqa", None, "validation", "piqa/validation.jsonl", 1838, "AFL-3.0"),
     _eval_input(
-        "winogrande", "allenai/winogrande", "winogrande_xl", "validation", "winogrande_xl/validation.jsonl", "CC BY"
+        "winogrande",
+        "allenai/winogrande",
+        "winogrande_xl",
+        "validation",
+        "winogrande_xl/validation.jsonl",
+        1267,
+        "CC BY",
     ),
-    _eval_input("wsc", "aps/super_glue", "wsc.fixed", "validation", "wsc/validation.jsonl", "CC BY 4.0"),
-    _eval_input("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "arc_easy/test.jsonl", "CC BY-SA 4.0"),
+    _eval_input("wsc", "aps/super_glue", "wsc.fixed", "validation", "wsc/validation.jsonl", 104, "CC BY 4.0"),
+    _eval_input("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "arc_easy/test.jsonl", 2376, "CC BY-SA 4.0"),
     _eval_input(
-        "arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "arc_challenge/test.jsonl", "CC BY-SA 4.0"
+        "arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "arc_challenge/test.jsonl", 1172, "CC BY-SA 4.0"
     ),
-    _eval_input("logiqa", "EleutherAI/logiqa", "logiqa", "test", "logiqa/test.jsonl", "none stated (research use)"),
+    _eval_input(
+        "logiqa", "EleutherAI/logiqa", "logiqa", "test", "logiqa/test.jsonl", 651, "none stated (research use)"
+    ),
     Input(
         name="shared-sample",
         description="the shared real-text sample: 78 Project Gutenberg books + 10 Pile documents (16.3M tokens)",
@@ -433,6 +443,8 @@ def download_input(entry: Input, root: Path | None = None, revision: str | None 
         shutil.rmtree(raw)  # the parquet files were only the way in
     elif entry.kind in ("dataset_jsonl", "dataset_text"):
         rows = _load_split(origin)
+        if origin.rows is not None and len(rows) != origin.rows:
+            raise ValueError(f"{origin.describe()} has {len(rows)} rows, the published split has {origin.rows}")
         with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8") as out:
             if entry.kind == "dataset_text":
                 out.write("".join(rows["text"]))
