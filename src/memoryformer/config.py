@@ -37,10 +37,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("shared_data", lambda sub="": str(shared_data_dir() / sub))
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda sub="": str(PROJECT_ROOT / sub))
+    # Cached per composed config: a run resolves (and, online, fetches) each input once, and logs a choice once.
     if not OmegaConf.has_resolver("source"):
-        OmegaConf.register_new_resolver("source", _source_path)
+        OmegaConf.register_new_resolver("source", _source_path, use_cache=True)
     if not OmegaConf.has_resolver("sample_files"):
-        OmegaConf.register_new_resolver("sample_files", _sample_files)
+        OmegaConf.register_new_resolver("sample_files", _sample_files, use_cache=True)
 
 
 # The data config values that may name catalogued inputs (through ${source:...} / ${sample_files:...}).
