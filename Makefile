@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 LAUNCHER ?= $(PY)
-pretrain: setup  ## train MODEL (default mf-nano on the local sample, CPU, minutes); Hydra overrides in ARGS
+pretrain: setup  ## train MODEL (default mf-nano on the text sample, CPU, minutes); Hydra overrides in ARGS
 	$(LAUNCHER) scripts/pretrain.py $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
 # The prompt reaches the script through the environment (conf/sample.yaml reads it), so any quotes in it survive.
