@@ -234,11 +234,11 @@ def patterns_of(name: str, path: Path) -> list[str]:
     return [str(root / pattern) for pattern in entry.patterns()]
 
 
-def resolve(name: str, explicit: str | os.PathLike | None = None, fetch: bool = True) -> Resolved:
+def resolve(name: str, explicit: str | os.PathLike | None = None) -> Resolved:
     """Where input ``name`` is: ``explicit`` if it exists, a local copy, the hub (when allowed), or the error.
 
-    ``fetch=False`` never downloads: an input fetched at run time resolves to its hub origin only if it is read
-    from the hub by someone else (eval sets: lm-eval); otherwise the lookup stops at the local copies.
+    From the hub, an eval set resolves to its origin (lm-eval's built-in task reads it); an input fetched at run
+    time is downloaded into the cache first (:func:`download_input`), so the next run finds it locally.
     """
     entry = get_input(name)
     if explicit is not None and Path(explicit).expanduser().exists():
@@ -249,7 +249,7 @@ def resolve(name: str, explicit: str | os.PathLike | None = None, fetch: bool = 
     if entry.hub is not None and not hub_offline():
         if entry.at_run_time == "builtin":
             return Resolved(name, None, "hub", entry.hub.describe())
-        if entry.at_run_time == "fetch" and fetch:
+        if entry.at_run_time == "fetch":
             log.warning("%s: no local copy; fetching %s into %s", name, entry.hub.describe(), cache_dir())
             return Resolved(name, download_input(entry), "hub", entry.hub.describe())
     raise MissingInputError.for_inputs([(name, explicit)])
