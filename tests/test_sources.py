@@ -185,6 +185,31 @@ def test_sample_falls_back_to_pile_10k_and_shared_never_does(roots, online, monk
         sample_files("gutenberg")
 
 
+def test_interrupted_file_download_resumes_and_converts_once_complete(roots, online, monkeypatch):
+    shards = {
+        ("NeelNanda/pile-10k", f"data/train-0000{i}-of-00002.parquet"): pile_10k_parquet([f"doc {i}a", f"doc {i}b"])
+        for i in range(2)
+    }
+    hub = FakeHub(monkeypatch, shards)
+    hub.fail_once.add(("NeelNanda/pile-10k", "data/train-00001-of-00002.parquet"))
+    with pytest.raises(ConnectionError):
+        download(["sample"])
+    assert not (roots.cache / "pretrain/pile-10k/train.jsonl").exists()  # no corpus that looks complete
+    assert (roots.cache / "pretrain/pile-10k/.hub/data/train-00000-of-00002.parquet").is_file()
+    download(["sample"])
+    lines = (roots.cache / "pretrain/pile-10k/train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["doc 0a", "doc 0b", "doc 1a", "doc 1b"]
+    assert [call[1][-22:] for call in hub.calls] == ["00000-of-00002.parquet", "00001-of-00002.parquet"] * 2
+
+
+def test_heldout_text_is_the_split_joined(roots, online, monkeypatch):
+    rows = datasets.Dataset.from_list([{"text": ""}, {"text": " = Robert Boulter = \n"}, {"text": "He was .\n"}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None, **kw: rows)
+    (path,) = download(["heldout"])
+    assert path == roots.cache / "heldout/wikitext-2-raw-v1/test.txt"
+    assert path.read_text() == " = Robert Boulter = \nHe was .\n" and resolve("heldout").origin == "local"
+
+
 def test_beside_the_shared_data_every_input_is_todays(shared_data):
     """The same paths as before the catalogue, so the same prepared corpus key (same tokens) and eval files."""
     from memoryformer.config import compose_config
