@@ -5,24 +5,29 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-slow test-all lint pretrain sample flops data eval tables sweep buckets bench
+.PHONY: help setup test test-slow test-all lint pretrain sample flops data download eval eval-tasks tables sweep buckets bench
 help:  ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 # Idempotent: re-installs only when pyproject.toml or constraints.txt change. Plain pip with the lock as
 # constraints, so torch stays the CPU build on disk (uv/poetry would fetch a CUDA build).
 setup: $(STAMP)  ## create .venv and install the pinned stack
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@echo "make setup: installing the pinned stack into $(VENV) with pip (first time ~3 min and ~2 GB: torch CPU, transformers, lm-eval, ...; later only when pyproject.toml or constraints.txt change)"
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
 	@touch $@
 
 LAUNCHER ?= $(PY)
-pretrain: setup  ## train MODEL (default mf-nano on the local sample, CPU, minutes); Hydra overrides in ARGS
+pretrain: setup  ## train MODEL (default mf-nano on the text sample, CPU, minutes); Hydra overrides in ARGS
 	$(LAUNCHER) scripts/pretrain.py $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
-sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="Once upon a time"]
-	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(PROMPT),'prompt="$(PROMPT)"')
+# The prompt reaches the script through the environment (conf/sample.yaml reads it), so any quotes in it survive.
+ifdef PROMPT
+sample: export MEMORYFORMER_PROMPT = $(value PROMPT)
+endif
+sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="The old man's dog"]
+	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT))
 
 test: setup  ## the default test suite (offline, < ~10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -42,10 +47,16 @@ flops: setup  ## Table 1 FLOPs rows, model sizes and Figure 1 into results/flops
 data: setup  ## tokenize the configured corpus into data/prepared/ (Hydra overrides in ARGS)
 	$(PY) scripts/prepare_data.py $(ARGS)
 
+download: setup  ## fetch inputs into data/cache/ for offline use: make download [WHAT=eval,tokenizer,sample,heldout,pile] [ROOT=dir]
+	$(PY) scripts/download.py $(if $(WHAT),--what $(WHAT)) $(if $(ROOT),--root $(ROOT)) $(if $(REVISION),--revision $(REVISION))
+
 eval: setup  ## zero-shot lm-eval, six tasks: make eval [CKPT=dir|hub-id] [REVISION=step93000] [TASKS=piqa,wsc] [LIMIT=n] [NAME=pythia-70m]
 	$(PY) scripts/evaluate.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(REVISION),revision=$(REVISION)) $(if $(TASKS),eval.tasks=[$(TASKS)]) $(if $(LIMIT),eval.limit=$(LIMIT)) $(if $(NAME),model_name=$(NAME))
 
-tables: setup  ## merge eval results into one Table 1: make tables [RESULTS=results/eval/a,runs/x/eval]
+eval-tasks: setup  ## YAMLs of the six tasks on the local eval files, for lm_eval --include_path eval/tasks/generated
+	$(PY) scripts/eval_tasks.py
+
+tables: setup  ## merge eval results into one Table 1 (default: runs/*/eval, runs/eval/*): make tables [RESULTS=a,b]
 	$(PY) scripts/make_tables.py $(if $(RESULTS),results=[$(RESULTS)])
 
 SWEEP_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(STEPS),train.max_steps=$(STEPS)) $(ARGS)

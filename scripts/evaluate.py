@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from memoryformer.config import register_resolvers
-from memoryformer.evaluation import evaluate_checkpoint, latest_checkpoint
+from memoryformer.evaluation import check_eval_inputs, evaluate_checkpoint, latest_checkpoint
 from memoryformer.evaluation.tables import table_markdown
 
 register_resolvers()
@@ -17,6 +17,8 @@ register_resolvers()
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    for task, source in check_eval_inputs(cfg.eval).items():  # missing data fails here, before any model loads
+        print(f"{task}: {source.record()}")
     results = evaluate_checkpoint(
         cfg.checkpoint or latest_checkpoint(cfg.runs_dir),
         tasks=list(cfg.eval.tasks),

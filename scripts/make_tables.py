@@ -1,26 +1,22 @@
 """`make tables`: merge any number of evaluation results into one Table 1 (markdown + CSV).
 
-python scripts/make_tables.py                                         # every results/eval/*/results.json
-python scripts/make_tables.py results=[results/eval/mf-tiny,results/eval/pythia-70m] output_dir=/tmp/t
+python scripts/make_tables.py                                   # every runs/*/eval and runs/eval/* results.json
+python scripts/make_tables.py results=[runs/mf-tiny-pile/eval,runs/eval/pythia-70m] output_dir=/tmp/t
 """
-
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from memoryformer.config import register_resolvers
-from memoryformer.evaluation import make_tables
-from memoryformer.evaluation.tables import RESULTS_FILE
+from memoryformer.evaluation import find_results, make_tables
 
 register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="tables", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    output_dir = Path(cfg.output_dir)
-    results = cfg.results if cfg.results is not None else sorted(output_dir.glob(f"*/{RESULTS_FILE}"))
-    paths = make_tables(results, output_dir)
+    results = cfg.results if cfg.results is not None else find_results(cfg.runs_dir)
+    paths = make_tables(results, cfg.output_dir)
     print(paths["markdown"].read_text())
 
 

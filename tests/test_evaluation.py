@@ -1,9 +1,11 @@
-"""Evaluation (spec §6): the lm-eval adapter, the offline tasks against lm-eval's built-ins, results and tables."""
+"""Evaluation (spec §6): the lm-eval adapter, the local and hub tasks against lm-eval's built-ins, lm-eval's CLI on
+the generated task YAMLs, results and tables."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +23,20 @@ from memoryformer.evaluation import (
     TASKS,
     build_lm,
     evaluate_checkpoint,
+    find_results,
     latest_checkpoint,
     load_tasks,
     make_tables,
     paper_row,
+    resolve_tasks,
     task_config,
+    write_task_yamls,
 )
-from memoryformer.evaluation.tasks import builtin_task_yaml, task_data_file
+from memoryformer.evaluation.harness import default_model_name, default_output_dir
+from memoryformer.evaluation.tasks import builtin_task_yaml
 from memoryformer.paths import PROJECT_ROOT
+from memoryformer.sources import MissingInputError
+from test_sources import online, roots  # noqa: F401  (fixtures: empty data roots; the hub reachable)
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +103,25 @@ def test_adapter_loglikelihood_equals_direct_computation(tokenizer):
 # --- the tasks ---------------------------------------------------------------------------------------------
 
 
+def local_rows_as_hub(name: str, data_dir: Path) -> datasets.DatasetDict:
+    """The local rows of task ``name`` as the hub's dataset would come: every split holding them."""
+    rows = datasets.load_dataset("json", data_files=str(data_dir / TASKS[name].data_file), split="train")
+    return datasets.DatasetDict({"train": rows, "validation": rows, "test": rows})
+
+
 def builtin_task_on_local_rows(name: str, data_dir: Path, monkeypatch) -> ConfigurableTask:
     """lm-eval's built-in task, config untouched, whose hub download is answered with the local rows."""
-    rows = datasets.load_dataset("json", data_files=str(task_data_file(name, data_dir)), split="train")
-    splits = datasets.DatasetDict({"train": rows, "validation": rows, "test": rows})
+    splits = local_rows_as_hub(name, data_dir)
     with monkeypatch.context() as patch:
         patch.setattr(datasets, "load_dataset", lambda *args, **kwargs: splits)
         return ConfigurableTask(config=load_yaml(builtin_task_yaml(name), resolve_func=True))
+
+
+def same_requests(task, other, sample: list[int]) -> bool:
+    for t in (task, other):
+        t.build_all_requests(samples=sample)
+    assert len(task.instances) >= 2 * len(sample)
+    return [(i.doc_id, i.arguments) for i in task.instances] == [(i.doc_id, i.arguments) for i in other.instances]
 
 
 @pytest.mark.parametrize("every", [pytest.param(37, id="sample"), pytest.param(1, id="all", marks=pytest.mark.slow)])
@@ -123,15 +143,38 @@ def test_local_tasks_equal_lm_eval_builtins(shared_data, monkeypatch, every):
         evaluated = {t.config.test_split or t.config.validation_split for t in (task, builtin)}
         assert evaluated == {TASKS[name].split}  # the same split as the built-in evaluates
         sample = sorted({*range(20), *range(0, task.eval_docs.num_rows, every), task.eval_docs.num_rows - 1})
-        for t in (task, builtin):
-            t.build_all_requests(samples=sample)
-        assert len(task.instances) >= 2 * len(sample)
-        assert [(i.doc_id, i.arguments) for i in task.instances] == [(i.doc_id, i.arguments) for i in builtin.instances]
+        assert same_requests(task, builtin, sample)
         docs = [task.eval_docs[i] for i in sample]
         assert [task.doc_to_target(d) for d in docs] == [builtin.doc_to_target(d) for d in docs]
         assert task.config.metric_list == builtin.config.metric_list
         assert task.OUTPUT_TYPE == builtin.OUTPUT_TYPE == "multiple_choice"
         assert task.config.metadata["version"] == builtin.config.metadata["version"]
+
+
+def test_hub_tasks_build_the_same_requests_as_local_files(shared_data, roots, online, monkeypatch):  # noqa: F811
+    """No local files, online: lm-eval's built-in tasks read their own dataset_path (faked here with the same rows)
+    and build exactly the requests of the local tasks; the sources say which was used."""
+    local = load_tasks(PAPER_TASKS, shared_data / "eval")
+    hub_ids = {}
+    for task in TASKS:
+        builtin = load_yaml(builtin_task_yaml(task), resolve_func=False)
+        hub_ids[builtin["dataset_path"], builtin.get("dataset_name")] = task
+    rows = {task: local_rows_as_hub(task, shared_data / "eval") for task in TASKS}
+    asked = []
+
+    def load_dataset(path, name=None, **kwargs):
+        asked.append((path, name))
+        return rows[hub_ids[path, name]]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    sources = resolve_tasks(PAPER_TASKS, data_dir=None)
+    assert {t: s.origin for t, s in sources.items()} == dict.fromkeys(PAPER_TASKS, "hub")
+    assert sources["wsc"].record() == "hub: hub dataset aps/super_glue (wsc.fixed) [validation]"
+    hub = load_tasks(PAPER_TASKS, sources=sources)
+    assert sorted(asked) == sorted(hub_ids)
+    for name in PAPER_TASKS:
+        sample = sorted({*range(10), local[name].eval_docs.num_rows - 1})
+        assert same_requests(local[name], hub[name], sample), name
 
 
 def test_task_config_overrides_only_the_dataset_source(tmp_path):
@@ -150,17 +193,17 @@ def test_task_config_overrides_only_the_dataset_source(tmp_path):
 # --- failing early -----------------------------------------------------------------------------------------
 
 
-def test_bad_input_fails_early_and_clearly(tmp_path):
+def test_bad_input_fails_early_and_clearly(tmp_path, roots):  # noqa: F811
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['hellaswag'\]"):
         load_tasks(["piqa", "hellaswag"], tmp_path)
     with pytest.raises(ValueError, match="more than once"):
         load_tasks(["wsc", "wsc"], tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"task 'arc_easy' needs .*arc_easy/test\.jsonl"):
+    with pytest.raises(MissingInputError, match=r"(?s)missing input: eval/arc_easy.*arc_easy/test\.jsonl.*WHAT=eval"):
         load_tasks(["arc_easy"], tmp_path)
     # Tasks are checked before the checkpoint is even looked at.
     with pytest.raises(ValueError, match="unknown task"):
         evaluate_checkpoint(tmp_path / "nope", tasks=["nope"], data_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="needs"):
+    with pytest.raises(MissingInputError, match="missing input: eval/wsc"):
         evaluate_checkpoint(tmp_path / "nope", tasks=["wsc"], data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="run `make pretrain` first or pass CKPT="):
         latest_checkpoint(tmp_path / "runs")
@@ -225,6 +268,7 @@ def test_evaluate_saved_checkpoint_end_to_end(shared_data, tokenizer, tmp_path):
     s, d = 2048, 64
     assert (info["flops_without_attention"], info["flops_total"]) == (12 * s * d * d, 12 * s * d * d + 2 * s * s * d)
     check_outputs(results, tmp_path / "out", tasks, limit=2)
+    assert results["data_sources"] == {t: f"config: {shared_data / 'eval' / TASKS[t].data_file}" for t in tasks}
 
 
 def test_in_memory_model_keeps_its_training_mode(shared_data, tokenizer, tmp_path):
@@ -244,6 +288,32 @@ def test_in_memory_model_keeps_its_training_mode(shared_data, tokenizer, tmp_pat
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     assert [r["model"] for r in rows] == ["mf-tiny", "MemoryFormer-tiny (paper)"]
     assert float(rows[1]["wsc_acc"]) == 0.375 and float(rows[1]["avg_acc"]) == 0.375  # avg over the shown task
+
+
+def test_make_eval_names_and_places_a_run_as_the_trainer_does(tmp_path):
+    """runs/<run>/model → the run's model.name (the trainer's eval_at_end name) and <run>/eval; never results/."""
+    model_dir = tmp_path / "runs" / "mf-nano-sample" / "model"
+    model_dir.mkdir(parents=True)
+    assert default_model_name(model_dir) == "mf-nano-sample"  # no config.yaml: the run directory's name
+    (model_dir.parent / "config.yaml").write_text("model:\n  name: mf-nano\ndata:\n  name: sample\n")
+    assert default_model_name(model_dir) == "mf-nano"
+    assert default_output_dir(model_dir, "mf-nano") == model_dir.parent / "eval"
+    assert default_output_dir(tmp_path, "x") == PROJECT_ROOT / "runs" / "eval" / "x"
+    hub = default_output_dir(
+        "EleutherAI/pythia-70m-deduped", default_model_name("EleutherAI/pythia-70m-deduped", "step93000")
+    )
+    assert hub == PROJECT_ROOT / "runs" / "eval" / "pythia-70m-deduped@step93000"
+    assert subprocess.run(["git", "check-ignore", "-q", str(hub)], cwd=PROJECT_ROOT).returncode == 0  # git-ignored
+
+
+def test_find_results_reads_runs_and_other_models(tmp_path):
+    for path in ("mf-nano-sample/eval", "eval/pythia-70m", "mf-tiny-pile/checkpoints"):
+        (tmp_path / path).mkdir(parents=True)
+        (tmp_path / path / "results.json").write_text("{}")
+    assert find_results(tmp_path) == [
+        tmp_path / "eval/pythia-70m/results.json",
+        tmp_path / "mf-nano-sample/eval/results.json",
+    ]
 
 
 def fake_results(name: str, accuracies: dict[str, float], limit: int | None = None) -> dict:
@@ -322,3 +392,63 @@ def test_make_eval_on_mf_nano(shared_data, tokenizer, tmp_path):
     assert results["model_info"]["model_type"] == "memoryformer" and results["model_info"]["name"] == "mf-nano"
     check_outputs(results, output_dir, list(PAPER_TASKS), limit=3)
     assert "| mf-nano† |" in done.stdout  # the script prints the table
+
+
+# --- lm-eval's own CLI on the generated task YAMLs ---------------------------------------------------------------
+
+
+def test_generated_task_yamls_are_the_local_tasks(shared_data, tmp_path):
+    """`make eval-tasks` YAMLs, loaded by lm-eval's TaskManager from --include_path, build the in-process local
+    tasks' requests; each file includes the installed built-in and overrides only the dataset source."""
+    from lm_eval.tasks import TaskManager
+
+    paths = write_task_yamls(tmp_path / "tasks", data_dir=shared_data / "eval")
+    assert [p.name for p in paths] == [f"{t}.yaml" for t in PAPER_TASKS]
+    text = (tmp_path / "tasks" / "wsc.yaml").read_text()
+    assert f"include: {builtin_task_yaml('wsc')}" in text and "dataset_path: json" in text
+    assert f"# Generated by `make eval-tasks` from config: {shared_data / 'eval/wsc/validation.jsonl'}" in text
+    generated = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).load(list(PAPER_TASKS))
+    local = load_tasks(PAPER_TASKS, shared_data / "eval")
+    for name in PAPER_TASKS:
+        assert len(generated["tasks"][name].eval_docs) == TASKS[name].num_docs
+        assert same_requests(generated["tasks"][name], local[name], [0, 1, TASKS[name].num_docs - 1]), name
+
+
+def test_generated_task_yamls_need_local_files(roots, online):  # noqa: F811
+    with pytest.raises(MissingInputError, match=r"no local data for \['piqa'\].*make download WHAT=eval"):
+        write_task_yamls(roots.data / "tasks", ["piqa"])
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_cli_offline_on_a_saved_memoryformer(shared_data, tokenizer, tmp_path):
+    """The README's command: lm_eval --model hf ... trust_remote_code=True --include_path <generated>, offline."""
+    from memoryformer.models import build_model
+
+    model = build_model("mf-nano", num_hidden_layers=1, hidden_size=64, num_attention_heads=2, tau=4)
+    model_dir = save_run(model, tokenizer, tmp_path / "runs", "mf-nano-sample")
+    write_task_yamls(tmp_path / "tasks", ["wsc", "arc_easy"], data_dir=shared_data / "eval")
+    command = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},trust_remote_code=True",
+        "--tasks",
+        "wsc,arc_easy",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--limit",
+        "3",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}  # no memoryformer
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    assert set(results) == {"wsc", "arc_easy"} and all(0 <= results[t]["acc,none"] <= 1 for t in results)

@@ -149,8 +149,8 @@ def _open_prefix(prefix: str | None, name: str, key: str) -> IndexedDataset:
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"data config {name!r}: {err}. Download Pythia's pre-tokenized deduplicated Pile "
-            f"(EleutherAI/pythia_deduped_pile_idxmaps) with `python -m memoryformer.data.pythia_pile --dest DIR` "
-            f"(see data/README.md) and set the config value data.{key} to DIR/pile_0.87_deduped_text_document"
+            f"(EleutherAI/pythia_deduped_pile_idxmaps) with `make download WHAT=pile` (see data/README.md) and "
+            f"set the config value data.{key} to its path prefix (without .bin/.idx)"
         ) from err
 
 

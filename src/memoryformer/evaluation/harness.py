@@ -1,9 +1,9 @@
 """Zero-shot evaluation of a checkpoint with lm-eval-harness (spec §6): the model adapter and ``make eval``.
 
 The scores are lm-eval's own: the model is wrapped in its ``HFLM`` class and run through ``simple_evaluate`` on
-the local tasks of :mod:`memoryformer.evaluation.tasks`. A checkpoint is a directory in Hugging Face format (our
-MemoryFormer or Pythia-architecture runs, any GPT-NeoX model), a hub id with a revision (online only), or a model
-object in memory (the trainer's ``eval_at_end``).
+the tasks of :mod:`memoryformer.evaluation.tasks` (local files, or lm-eval's built-ins reading the hub). A
+checkpoint is a directory in Hugging Face format (our MemoryFormer or Pythia-architecture runs, any GPT-NeoX
+model), a hub id with a revision (online only), or a model object in memory (the trainer's ``eval_at_end``).
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memoryformer.evaluation.tables import RESULTS_FILE, summary_metrics, write_tables
-from memoryformer.evaluation.tasks import PAPER_TASKS, load_tasks
-from memoryformer.paths import PROJECT_ROOT, shared_data_dir
+from memoryformer.evaluation.tasks import PAPER_TASKS, load_tasks, resolve_tasks
+from memoryformer.paths import PROJECT_ROOT
 from memoryformer.reporting import write_text_atomic
+from memoryformer.sources import resolve
 
 if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-RESULTS_DIR = PROJECT_ROOT / "results" / "eval"
+RUNS_DIR = PROJECT_ROOT / "runs"
+RESULTS_DIR = RUNS_DIR / "eval"  # results of models that are not a run of ours (hub ids, other directories)
 LATEST_FILE = "LATEST"  # <runs_dir>/LATEST: the absolute path of the newest run's saved model, one line
-DEFAULT_TOKENIZER = "tokenizers/gpt-neox-20b"  # under the shared data directory; every model here uses it
+RUN_CONFIG = "config.yaml"  # written by the trainer beside a run's model/: its model.name names the model
 # lm-eval probes "auto" batch sizes by running its longest request at up to max_batch_size (64) and halving on
 # out-of-memory errors. A CPU never raises one (it swaps, or the process is killed), and 64 sequences × 50k-way
 # logits are gigabytes, so on CPU "auto" means this fixed size instead.
@@ -71,16 +73,34 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
     return str(checkpoint)
 
 
+def run_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The run directory of a run's saved model (``runs/<run>/model``, as the trainer writes it), else None."""
+    path = Path(checkpoint).expanduser()
+    return path.resolve().parent if path.is_dir() and path.resolve().name == "model" else None
+
+
 def default_model_name(checkpoint: str | os.PathLike | PreTrainedModel, revision: str | None = None) -> str:
-    """The row name of a checkpoint: its run's name, the hub model's name (with ``@revision``), or the config's."""
+    """The row name of a checkpoint: a run's ``model.name`` (as the trainer's end-of-run eval names it), the
+    directory's name, the hub model's name (with ``@revision``), or the config's model type."""
+    from omegaconf import OmegaConf
+
     if not isinstance(checkpoint, (str, os.PathLike)):
         name_or_path = str(getattr(checkpoint, "name_or_path", "") or "")
         return Path(name_or_path).name or checkpoint.config.model_type
+    run = run_of(checkpoint)
+    if run is not None:
+        has_config = (run / RUN_CONFIG).is_file()
+        return str((has_config and OmegaConf.select(OmegaConf.load(run / RUN_CONFIG), "model.name")) or run.name)
     path = Path(checkpoint)
     if path.exists():
-        path = path.resolve()
-        return path.parent.name if path.name == "model" else path.name  # runs/<run>/model → <run>
+        return path.resolve().name
     return path.name + (f"@{revision}" if revision else "")
+
+
+def default_output_dir(checkpoint: str | os.PathLike | PreTrainedModel, model_name: str) -> Path:
+    """A run's own ``eval/`` (where its end-of-run eval is), else ``runs/eval/<model_name>``: never tracked files."""
+    run = run_of(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+    return run / "eval" if run is not None else RESULTS_DIR / model_name
 
 
 def _default_device() -> str:
@@ -99,8 +119,8 @@ def build_lm(
     """lm-eval's ``HFLM`` around a model directory, a hub id or a model object (the adapter).
 
     A model object is evaluated where it is (device is ignored). A local directory without tokenizer files, or a
-    model object without a tokenizer, gets the GPT-NeoX-20B tokenizer from the shared data directory; a hub
-    model gets its own. ``batch_size="auto"`` becomes :data:`CPU_BATCH_SIZE` on CPU.
+    model object without a tokenizer, gets the GPT-NeoX-20B tokenizer (the catalogue's ``tokenizer`` input); a
+    hub model gets its own. ``batch_size="auto"`` becomes :data:`CPU_BATCH_SIZE` on CPU.
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -111,7 +131,7 @@ def build_lm(
     local_dir = None if is_object or not Path(model).is_dir() else Path(model)
     if tokenizer is None and (is_object or local_dir is not None):
         has_own = local_dir is not None and any((local_dir / name).is_file() for name in _TOKENIZER_FILES)
-        tokenizer = load_tokenizer(local_dir if has_own else shared_data_dir() / DEFAULT_TOKENIZER)
+        tokenizer = load_tokenizer(local_dir if has_own else resolve("tokenizer").path)
     device = str(model.device) if is_object else (device or _default_device())
     if batch_size == "auto" and device.startswith("cpu"):
         batch_size = CPU_BATCH_SIZE
@@ -161,9 +181,11 @@ def evaluate_checkpoint(
     ``checkpoint`` is a model directory, a hub id (with ``revision``, online only) or a model object (evaluated
     in place; its train/eval mode is restored afterwards). ``limit`` evaluates only the first documents of each
     task (smoke tests; the numbers are then not comparable). ``output_dir`` defaults to
-    ``results/eval/<model_name>``, ``data_dir`` to the shared eval data. The results are lm-eval's dict plus
-    ``model_info`` (see :func:`model_info`) and ``summary`` (flat ``<task>/acc`` numbers for trackers). Under a
-    multi-process launcher only rank 0 writes and gets results.
+    :func:`default_output_dir`; ``data_dir`` is looked in first for the tasks' files, then the catalogue's local
+    copies, then the hub (:func:`~memoryformer.evaluation.tasks.resolve_tasks`). The results are lm-eval's dict
+    plus ``model_info`` (see :func:`model_info`), ``data_sources`` (where each task's data came from) and
+    ``summary`` (flat ``<task>/acc`` numbers for trackers). Under a multi-process launcher only rank 0 writes and
+    gets results.
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -172,11 +194,12 @@ def evaluate_checkpoint(
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of documents per task or None, got {limit!r}")
     # Fail early: the tasks and their files are checked before any model is loaded.
-    task_objects = load_tasks(list(tasks), shared_data_dir() / "eval" if data_dir is None else data_dir)
+    sources = resolve_tasks(list(tasks), data_dir)
+    task_objects = load_tasks(list(tasks), sources=sources)
     is_object = not isinstance(checkpoint, (str, os.PathLike))
     source = None if is_object else resolve_checkpoint(checkpoint)
     model_name = model_name or default_model_name(checkpoint, revision)
-    output_dir = Path(output_dir) if output_dir is not None else RESULTS_DIR / model_name
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(checkpoint, model_name)
 
     was_training = is_object and checkpoint.training  # HFLM switches the model to eval mode
     try:
@@ -195,6 +218,7 @@ def evaluate_checkpoint(
     if results is None:  # not rank 0
         return None
     results["model_info"] = model_info(lm, model_name, source, revision, limit)
+    results["data_sources"] = {task: resolved.record() for task, resolved in sources.items()}
     results["summary"] = summary_metrics(results)
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
     write_text_atomic(output_dir / RESULTS_FILE, text + "\n")

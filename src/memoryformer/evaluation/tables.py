@@ -171,6 +171,13 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     return results
 
 
+def find_results(runs_dir: str | os.PathLike) -> list[Path]:
+    """Every results file under ``runs_dir``: each run's end-of-run or `make eval` results (``<run>/eval/``) and
+    those of other models (``eval/<model>/``)."""
+    runs = Path(runs_dir)
+    return sorted({*runs.glob(f"*/eval/{RESULTS_FILE}"), *runs.glob(f"eval/*/{RESULTS_FILE}")})
+
+
 def make_tables(result_files: Iterable[str | os.PathLike], output_dir: str | os.PathLike) -> dict[str, Path]:
     """Merge any number of result files (or directories holding ``results.json``) into one Table 1."""
     result_files = list(result_files)
