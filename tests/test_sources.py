@@ -373,3 +373,27 @@ def test_fresh_clone_pretrains_and_evaluates_from_the_hub(
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["data_sources"] == {"wsc": "hub: hub dataset aps/super_glue (wsc.fixed) [validation]"}
     assert results["model_info"]["name"] == "mf-nano" and 0 <= results["results"]["wsc"]["acc,none"] <= 1
+
+
+def test_download_pile_merges_into_the_layout_the_resolver_reads(roots, online, monkeypatch):
+    """`make download WHAT=pile` goes through pythia_pile's verified merge, into the cache where data=pile looks."""
+    from memoryformer.data import pythia_pile
+
+    merged = []
+
+    def fake_release(release, dest, revision=None, keep_shards=False):  # the merge itself: tests/test_pythia_pile.py
+        merged.append(release)
+        prefix = Path(dest) / release.name
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".bin", ".idx"):
+            prefix.with_name(prefix.name + suffix).write_bytes(b"merged")
+        return prefix
+
+    monkeypatch.setattr(pythia_pile, "download_release", fake_release)
+    with pytest.raises(MissingInputError, match="make download WHAT=pile"):
+        resolve("pile")
+    [target] = download(["pile"])
+    assert merged == [pythia_pile.DEDUPED_PILE]
+    found = resolve("pile")
+    assert found.origin == "local" and found.path == target
+    assert target.parent.parent == roots.cache
