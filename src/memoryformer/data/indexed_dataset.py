@@ -178,9 +178,10 @@ class IndexedDataset:
         self._read_index()
         bin_bytes = self.bin_path.stat().st_size
         if bin_bytes % self.dtype.itemsize:
+            hint = _dtype_hint(bin_bytes, int(self.sizes.sum(dtype=np.int64)), self.dtype)
             raise IndexedDatasetError(
                 f"{self.bin_path} has {bin_bytes} bytes, not a whole number of {self.dtype} tokens: "
-                "truncated or corrupt"
+                f"truncated or corrupt{hint}"
             )
         # np.memmap refuses empty files; an empty dataset is still a valid one.
         self.tokens = (
