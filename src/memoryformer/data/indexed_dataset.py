@@ -307,7 +307,7 @@ class IndexedDataset:
         total, started = self.bin_path.stat().st_size, time.perf_counter()
         logger.info(
             "checking the token ids of %s (%.1f GB) against the vocabulary: a one-time scan, cached in %s; "
-            "data.check_token_ids=false skips it",
+            "+data.check_token_ids=false skips it",
             self.bin_path,
             total / 1e9,
             token_ids_cache_paths(self.prefix)[0].name,
