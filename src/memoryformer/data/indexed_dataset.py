@@ -27,6 +27,7 @@ others wait and read its result.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -275,9 +276,9 @@ class IndexedDataset:
                 f"{self.bin_path}: token id {token_id} at token position {position} (document "
                 f"{self.document_at(position)}) is outside the tokenizer's vocabulary [0, {vocab_size}) "
                 f"(ids in this file: {ids.min_id} … {ids.max_id}; dtype code {code} = {self.dtype}). Training on it "
-                f"would crash with an IndexError once that window is drawn. The data was tokenized with another "
-                f"tokenizer (set data.tokenizer to it), is corrupt (prepare it again), or a signed dtype code makes "
-                f"large ids negative (fix the index with {fix_code})"
+                f"would fail with an IndexError (or learn from garbage) once such a window is drawn. The data was "
+                f"tokenized with another tokenizer (set data.tokenizer to it), is corrupt (prepare it again), or a "
+                f"signed dtype code makes large ids negative (fix the index with {fix_code})"
             )
         return ids
 
@@ -287,7 +288,10 @@ class IndexedDataset:
     def token_id_range(self) -> TokenIdRange:
         """The smallest and largest token id and where each first occurs: cached, else one streamed scan."""
         with open(self.idx_path, "rb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process scans; concurrent openers wait and read its result
+            # One process scans; concurrent openers wait and read its result. NFS refuses an exclusive lock on a
+            # file opened read-only: there, concurrent openers each scan.
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_EX)
             key = _files_key(self.bin_path, self.idx_path)
             for path in token_ids_cache_paths(self.prefix):
                 try:

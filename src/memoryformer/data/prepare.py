@@ -60,7 +60,7 @@ from memoryformer.data.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
 DEFAULT_BATCH_CHARS = 1 << 20  # ~250k tokens per task: IPC is negligible, and both workers get work early
-DEFAULT_PIECE_CHARS = 1 << 18  # longer documents are tokenized in pieces (module docstring): ~30 MB per piece
+DEFAULT_PIECE_CHARS = 1 << 18  # longer documents go in pieces (module docstring): ~35 MB of tokenizer state each
 PARENT_CHECK_SECONDS = 1.0  # how often a tokenizer worker checks that its parent still lives
 
 
@@ -253,7 +253,8 @@ def _pieces_are_exact(tokenizer: Tokenizer) -> bool:
     probe = "Hello world,\n\n  it's 2024:\tnaïve café, 東京!   Done. e\u0301\n"
     cuts = [i for i in range(1, len(probe)) if probe[i].isspace() and not probe[i - 1].isspace()]
     pieces = [probe[a:b] for a, b in itertools.pairwise([0, *cuts, len(probe)])]
-    ids = [i for encoding in tokenizer.encode_batch_fast(pieces, add_special_tokens=False) for i in encoding.ids]
+    # One text at a time: batch encoding would start the tokenizer's thread pool before the workers fork.
+    ids = [i for piece in pieces for i in tokenizer.encode(piece, add_special_tokens=False).ids]
     return ids == tokenizer.encode(probe, add_special_tokens=False).ids
 
 
