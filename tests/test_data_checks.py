@@ -80,7 +80,11 @@ def test_ids_outside_the_vocabulary_are_refused_naming_file_id_position_and_docu
 def test_int16_dtype_code_on_uint16_data_is_refused_and_the_printed_fix_works(tmp_path):
     prefix = write_dataset(tmp_path / "pile_0.87_deduped_text_document", [[40000, 0], [12, 50276, 0]])
     set_dtype_code(prefix, 3)  # int16 instead of uint16: every id ≥ 32768 reads as negative
-    with pytest.raises(IndexedDatasetError, match=r"dtype code 3 \(int16\), which cannot hold .* 0 … 50276") as error:
+    expected = (
+        r"dtype code 3 \(int16\), which cannot hold .* 0 … 50276 "
+        r"\(token id -25536 at token position 0, document 0, is 40000 as uint16\)"
+    )
+    with pytest.raises(IndexedDatasetError, match=expected) as error:
         IndexedDataset(prefix, vocab_size=VOCAB)
     fix = str(error.value).split("fix the index with `")[1].split("`")[0]
     assert fix.startswith("python -c ")

@@ -258,17 +258,27 @@ class IndexedDataset:
     def check_token_ids(self, vocab_size: int) -> TokenIdRange:
         """Raise :class:`IndexedDatasetError` unless the dtype holds ids ``0 … vocab_size−1`` and every token id
         lies in ``[0, vocab_size)``; returns the ids' range. The scan behind it runs once per dataset (cached)."""
-        code, fix_code = dtype_code(self.dtype), self._set_dtype_command(dtype_code(token_dtype(vocab_size)))
-        if self.dtype.kind not in "iu" or np.iinfo(self.dtype).max < vocab_size - 1:
+        code, fitting = dtype_code(self.dtype), token_dtype(vocab_size)
+        fix_code = self._set_dtype_command(dtype_code(fitting))
+        integer = self.dtype.kind in "iu"
+        ids = self.token_id_range() if integer else TokenIdRange()
+        negative = ids.min_id is not None and ids.min_id < 0
+        if not integer or np.iinfo(self.dtype).max < vocab_size - 1:
+            evidence = ""
+            if negative and self.dtype.itemsize == fitting.itemsize:  # e.g. int16 data that is really uint16
+                reread = np.array(ids.min_id, self.dtype).view(fitting)
+                evidence = (
+                    f" (token id {ids.min_id} at token position {ids.min_position}, document "
+                    f"{self.document_at(ids.min_position)}, is {reread} as {fitting})"
+                )
             raise IndexedDatasetError(
                 f"{self.idx_path} declares dtype code {code} ({self.dtype}), which cannot hold the tokenizer's ids "
-                f"0 … {vocab_size - 1}: the dtype code is wrong or the data comes from another tokenizer. If the "
-                f"tokens were written as {token_dtype(vocab_size)} (GPT-NeoX's choice for this vocabulary), fix the "
-                f"index with {fix_code}; otherwise set data.tokenizer to the tokenizer that produced the data, or "
-                f"prepare the data again"
+                f"0 … {vocab_size - 1}{evidence}: the dtype code is wrong or the data comes from another tokenizer. "
+                f"If the tokens were written as {fitting} (GPT-NeoX's choice for this vocabulary), fix the index with "
+                f"{fix_code}; otherwise set data.tokenizer to the tokenizer that produced the data, or prepare the "
+                f"data again"
             )
-        ids = self.token_id_range()
-        bad = [(ids.min_id, ids.min_position)] if ids.min_id is not None and ids.min_id < 0 else []
+        bad = [(ids.min_id, ids.min_position)] if negative else []
         bad += [(ids.max_id, ids.max_position)] if ids.max_id is not None and ids.max_id >= vocab_size else []
         if bad:
             token_id, position = bad[0]
