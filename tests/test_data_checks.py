@@ -185,6 +185,24 @@ def test_build_datasets_checks_ids_unless_switched_off(tmp_path, shared_data):
     assert train.dataset.num_documents == 2
 
 
+def test_build_datasets_checks_a_prepared_corpus_without_scanning(tmp_path, shared_data, count_scans):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 9}) + "\n" for i in range(9)))
+    (tmp_path / "valid.txt").write_text("held-out text for validation " * 9)
+    cfg = {
+        "name": "tiny",
+        "tokenizer": str(shared_data / NEOX),
+        "train_files": [str(tmp_path / "train.jsonl")],
+        "valid_files": [str(tmp_path / "valid.txt")],
+        "prepared_dir": str(tmp_path / "prepared"),
+        "num_workers": 0,
+    }
+    for _ in range(2):  # prepared, then reused: the ids are checked from the range recorded while writing
+        train, valid = build_datasets(cfg, seq_len=8, seed=0, show_progress=False)
+    assert count_scans == [] and train.dataset.num_documents == 9 and valid.dataset.num_documents == 1
+    (directory,) = [p for p in (tmp_path / "prepared").iterdir() if p.is_dir()]
+    assert {p.name for p in directory.iterdir()} >= {"train.token-ids.json", "valid.token-ids.json"}
+
+
 # --- corpus text: file and line ------------------------------------------------------------------------------
 
 
