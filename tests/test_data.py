@@ -117,7 +117,14 @@ def test_writer_output_is_byte_identical_to_the_format(tmp_path):
             writer.add_document(document)
     assert (tmp_path / "ours.idx").read_bytes() == idx
     assert (tmp_path / "ours.bin").read_bytes() == data
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hand.bin", "hand.idx", "ours.bin", "ours.idx"]
+    # ... plus the token-id range it recorded on the way (data/README.md, "Checked data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hand.bin",
+        "hand.idx",
+        "ours.bin",
+        "ours.idx",
+        "ours.token-ids.json",
+    ]
 
 
 def corrupt(tmp_path, edit_idx=None, edit_bin=None):
@@ -197,7 +204,7 @@ def test_prepared_tokens_equal_the_tokenizer_per_document(tmp_path, neox, num_wo
     assert [ds[i].tolist() for i in range(len(ds))] == expected  # each document, EOD (0) after each
     assert ds.tokens.tolist() == [t for doc in expected for t in doc]
     assert stats.train_tokens == ds.num_tokens and stats.tokens_per_second > 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.bin", "train.idx"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.bin", "train.idx", "train.token-ids.json"]
 
 
 def test_prepare_real_pile_sample(shared_data, tmp_path, neox):

@@ -143,9 +143,17 @@ def prepare_configured_corpus(data_cfg: Mapping | DictConfig, show_progress: boo
     return final
 
 
-def _open_prefix(prefix: str | None, name: str, key: str) -> IndexedDataset:
+def _checked_vocab_size(cfg: Mapping[str, Any]) -> int | None:
+    """The vocabulary every token id must lie in (data/README.md, "Checked data"); ``None`` skips the check:
+    ``data.check_token_ids=false``, or a config without a tokenizer."""
+    if not cfg.get("tokenizer") or not cfg.get("check_token_ids", True):
+        return None
+    return len(load_tokenizer(cfg["tokenizer"]))
+
+
+def _open_prefix(prefix: str | None, name: str, key: str, vocab_size: int | None) -> IndexedDataset:
     try:
-        return IndexedDataset(prefix)
+        return IndexedDataset(prefix, vocab_size)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"data config {name!r}: {err}. Download Pythia's pre-tokenized deduplicated Pile "
@@ -167,17 +175,18 @@ def build_datasets(
     if order != "packed":
         raise ValueError(f"data config {cfg.get('name')!r}: order must be packed or pythia, got {order!r}")
     shuffle = bool(cfg.get("shuffle", True))
+    vocab_size = _checked_vocab_size(cfg)
     if cfg.get("train_files"):
         directory = prepare_configured_corpus(cfg, show_progress)
-        train, valid = IndexedDataset(directory / "train"), IndexedDataset(directory / "valid")
+        train, valid = IndexedDataset(directory / "train", vocab_size), IndexedDataset(directory / "valid", vocab_size)
         return PackedSamples(train, seq_len, seed, shuffle=shuffle), PackedSamples(
             valid, seq_len, seed, shuffle=shuffle
         )
     if not cfg.get("train_prefix"):
         raise ValueError(f"data config {cfg.get('name')!r} needs train_files (text) or train_prefix (pre-tokenized)")
-    train = _open_prefix(cfg["train_prefix"], cfg.get("name"), "train_prefix")
+    train = _open_prefix(cfg["train_prefix"], cfg.get("name"), "train_prefix", vocab_size)
     if cfg.get("valid_prefix"):
-        valid = _open_prefix(cfg["valid_prefix"], cfg.get("name"), "valid_prefix")
+        valid = _open_prefix(cfg["valid_prefix"], cfg.get("name"), "valid_prefix", vocab_size)
         return PackedSamples(train, seq_len, seed, shuffle=shuffle), PackedSamples(
             valid, seq_len, seed, shuffle=shuffle
         )

@@ -13,16 +13,38 @@ This is the on-disk format of Pythia's pre-tokenized Pile. Layout of ``prefix.id
 
 ``prefix.bin`` is the sequences' tokens back to back. GPT-NeoX's preprocessing writes one sequence per document
 (its text's tokens followed by the EOD token), so sequences and documents coincide and ``doc_idx = 0, 1, …, len``.
+
+Token-id check (issue 12, "Checked data"): ``IndexedDataset(prefix, vocab_size=V)`` refuses a dtype that cannot
+hold ids ``0 … V−1`` (e.g. code 3 = int16 where the data is uint16) and any id outside ``[0, V)``, naming the file,
+the id, its token position and document, and the fix — instead of a bare ``IndexError`` mid-training when a bad
+window is drawn. The smallest and largest id come from one streamed pass over ``prefix.bin`` in bounded memory
+(:data:`SCAN_CHUNK_BYTES` at a time), cached in ``prefix.token-ids.json`` (or, where that directory is read-only, in
+``$XDG_CACHE_HOME/memoryformer/token-ids/``) keyed by both files' size and mtime, so only the first open of a
+dataset pays for it. :class:`IndexedDatasetWriter` records the range while writing, so prepared data is never
+scanned. Concurrent openers (e.g. every data-parallel rank) take an ``flock`` on ``prefix.idx``: one scans, the
+others wait and read its result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
 import os
 import struct
 import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from memoryformer.reporting import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -39,10 +61,76 @@ DTYPE_CODES: dict[int, np.dtype] = {
 }
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, len, doc_count: 34 bytes
 _CHECK_CHUNK = 1 << 22  # index entries validated per step, so a 100M-document index is checked in bounded memory
+SCAN_CHUNK_BYTES = 1 << 24  # token-id scan: bytes of prefix.bin read per step (the scan's whole memory)
+TOKEN_IDS_SUFFIX = ".token-ids.json"
+_TOKEN_IDS_FORMAT = 1
 
 
 class IndexedDatasetError(ValueError):
     """A ``.bin``/``.idx`` pair that is not a valid indexed dataset (corrupt, truncated or inconsistent)."""
+
+
+@dataclass
+class TokenIdRange:
+    """The smallest and largest token id of a dataset and the token position where each first occurs
+    (``None``/-1 for a dataset without tokens)."""
+
+    min_id: int | None = None
+    min_position: int = -1
+    max_id: int | None = None
+    max_position: int = -1
+
+    def update(self, tokens: np.ndarray, offset: int, low: int, high: int) -> None:
+        """Fold in ``tokens`` (non-empty, starting at token position ``offset``, with minimum ``low`` and maximum
+        ``high`` already computed by the caller, who needs them too)."""
+        if self.min_id is None or low < self.min_id:
+            self.min_id, self.min_position = int(low), offset + int(np.argmin(tokens))
+        if self.max_id is None or high > self.max_id:
+            self.max_id, self.max_position = int(high), offset + int(np.argmax(tokens))
+
+
+def _files_key(bin_path: Path, idx_path: Path) -> dict[str, object]:
+    """What a cached token-id range is valid for: both files' size and mtime."""
+    bin_stat, idx_stat = bin_path.stat(), idx_path.stat()
+    return {
+        "format": _TOKEN_IDS_FORMAT,
+        "bin": [bin_stat.st_size, bin_stat.st_mtime_ns],
+        "idx": [idx_stat.st_size, idx_stat.st_mtime_ns],
+    }
+
+
+def token_ids_cache_paths(prefix: Path) -> list[Path]:
+    """Where a dataset's token-id range is cached: beside it, else (read-only directory) in the user's cache."""
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memoryformer" / "token-ids"
+    digest = hashlib.sha256(str(prefix.resolve()).encode()).hexdigest()[:16]
+    return [prefix.with_name(prefix.name + TOKEN_IDS_SUFFIX), user_cache / f"{prefix.name}-{digest}.json"]
+
+
+def _write_token_ids_cache(prefix: Path, key: dict[str, object], ids: TokenIdRange) -> Path | None:
+    """Cache ``ids`` in the first writable place; ``None`` (and a warning) when there is none."""
+    paths = token_ids_cache_paths(prefix)
+    for path in paths:
+        try:
+            return write_text_atomic(path, json.dumps({**key, **asdict(ids)}))
+        except OSError:
+            continue  # read-only: try the next place
+    logger.warning("cannot cache the token-id check of %s in %s: every open will scan it again", prefix, paths)
+    return None
+
+
+def _dtype_hint(num_bytes: int, num_tokens: int, dtype: np.dtype) -> str:
+    """Why bytes and tokens disagree, when they fit another token width: a wrong dtype code in the index."""
+    if num_tokens <= 0 or num_bytes % num_tokens or num_bytes // num_tokens not in (1, 2, 4, 8):
+        return ""
+    width = num_bytes // num_tokens
+    if width == dtype.itemsize:
+        return ""
+    codes = [f"{code} ({known})" for code, known in DTYPE_CODES.items() if known.itemsize == width]
+    return (
+        f"; the sizes fit {width}-byte tokens, but the index declares dtype code {dtype_code(dtype)} ({dtype}, "
+        f"{dtype.itemsize} bytes): the dtype code (byte 17 of the .idx) is probably wrong, {width}-byte codes are "
+        f"{', '.join(codes)}"
+    )
 
 
 def dtype_code(dtype: np.dtype | type) -> int:
@@ -78,10 +166,11 @@ class IndexedDataset:
     ``len(ds)`` is the number of sequences (= documents for files written by GPT-NeoX's preprocessing or by
     :class:`IndexedDatasetWriter`), ``ds[i]`` the tokens of sequence ``i`` (a read-only numpy view), ``ds.tokens``
     every token back to back. Opening validates the whole index against the token file and raises
-    :class:`IndexedDatasetError` naming the problem on a corrupt or truncated pair.
+    :class:`IndexedDatasetError` naming the problem on a corrupt or truncated pair; with ``vocab_size`` it also
+    checks every token id against the vocabulary (:meth:`check_token_ids`, cached: see the module docstring).
     """
 
-    def __init__(self, prefix: str | os.PathLike) -> None:
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int | None = None) -> None:
         self.prefix = split_prefix(prefix)
         self.bin_path, self.idx_path = dataset_files(self.prefix)
         for path in (self.idx_path, self.bin_path):
@@ -90,15 +179,18 @@ class IndexedDataset:
         self._read_index()
         bin_bytes = self.bin_path.stat().st_size
         if bin_bytes % self.dtype.itemsize:
+            hint = _dtype_hint(bin_bytes, int(self.sizes.sum(dtype=np.int64)), self.dtype)
             raise IndexedDatasetError(
                 f"{self.bin_path} has {bin_bytes} bytes, not a whole number of {self.dtype} tokens: "
-                "truncated or corrupt"
+                f"truncated or corrupt{hint}"
             )
         # np.memmap refuses empty files; an empty dataset is still a valid one.
         self.tokens = (
             np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_bytes else np.zeros(0, dtype=self.dtype)
         )
         self._validate(bin_bytes)
+        if vocab_size is not None:
+            self.check_token_ids(vocab_size)
 
     def _read_index(self) -> None:
         idx_bytes = self.idx_path.stat().st_size
@@ -142,15 +234,17 @@ class IndexedDataset:
             bad = np.flatnonzero(self.pointers[start : start + _CHECK_CHUNK] != starts)
             if bad.size:
                 i = start + int(bad[0])
+                hint = _dtype_hint(int(self.pointers[i]), int(starts[bad[0]]) // itemsize, self.dtype)
                 raise IndexedDatasetError(
                     f"{self.idx_path}: sequence {i} starts at byte {self.pointers[i]}, expected {starts[bad[0]]} "
-                    f"(sequences must be contiguous): corrupt index"
+                    f"(sequences must be contiguous): corrupt index{hint}"
                 )
             expected_pointer = int(ends[-1])
         if expected_pointer != bin_bytes:
+            hint = _dtype_hint(bin_bytes, expected_pointer // itemsize, self.dtype)
             raise IndexedDatasetError(
                 f"{self.bin_path} has {bin_bytes} bytes but {self.idx_path} describes {expected_pointer}: "
-                f"the token file is truncated or does not belong to this index"
+                f"the token file is truncated or does not belong to this index{hint}"
             )
         doc_idx = self.doc_idx
         chunks = (doc_idx[start : start + _CHECK_CHUNK + 1] for start in range(0, len(doc_idx), _CHECK_CHUNK))
@@ -160,6 +254,102 @@ class IndexedDataset:
                 f"{self.idx_path}: the document index must rise from 0 to the number of sequences "
                 f"({len(self.sizes)}): corrupt index"
             )
+
+    def check_token_ids(self, vocab_size: int) -> TokenIdRange:
+        """Raise :class:`IndexedDatasetError` unless the dtype holds ids ``0 … vocab_size−1`` and every token id
+        lies in ``[0, vocab_size)``; returns the ids' range. The scan behind it runs once per dataset (cached)."""
+        code, fitting = dtype_code(self.dtype), token_dtype(vocab_size)
+        fix_code = self._set_dtype_command(dtype_code(fitting))
+        integer = self.dtype.kind in "iu"
+        ids = self.token_id_range() if integer else TokenIdRange()
+        negative = ids.min_id is not None and ids.min_id < 0
+        if not integer or np.iinfo(self.dtype).max < vocab_size - 1:
+            evidence = ""
+            if negative and self.dtype.itemsize == fitting.itemsize:  # e.g. int16 data that is really uint16
+                reread = np.array(ids.min_id, self.dtype).view(fitting)
+                evidence = (
+                    f" (token id {ids.min_id} at token position {ids.min_position}, document "
+                    f"{self.document_at(ids.min_position)}, is {reread} as {fitting})"
+                )
+            raise IndexedDatasetError(
+                f"{self.idx_path} declares dtype code {code} ({self.dtype}), which cannot hold the tokenizer's ids "
+                f"0 … {vocab_size - 1}{evidence}: the dtype code is wrong or the data comes from another tokenizer. "
+                f"If the tokens were written as {fitting} (GPT-NeoX's choice for this vocabulary), fix the index with "
+                f"{fix_code}; otherwise set data.tokenizer to the tokenizer that produced the data, or prepare the "
+                f"data again"
+            )
+        bad = [(ids.min_id, ids.min_position)] if negative else []
+        bad += [(ids.max_id, ids.max_position)] if ids.max_id is not None and ids.max_id >= vocab_size else []
+        if bad:
+            token_id, position = bad[0]
+            raise IndexedDatasetError(
+                f"{self.bin_path}: token id {token_id} at token position {position} (document "
+                f"{self.document_at(position)}) is outside the tokenizer's vocabulary [0, {vocab_size}) "
+                f"(ids in this file: {ids.min_id} … {ids.max_id}; dtype code {code} = {self.dtype}). Training on it "
+                f"would fail with an IndexError (or learn from garbage) once such a window is drawn. The data was "
+                f"tokenized with another tokenizer (set data.tokenizer to it), is corrupt (prepare it again), or a "
+                f"signed dtype code makes large ids negative (fix the index with {fix_code})"
+            )
+        return ids
+
+    def _set_dtype_command(self, code: int) -> str:
+        return f"`python -c \"f = open('{self.idx_path}', 'r+b'); f.seek(17); f.write(bytes([{code}]))\"`"
+
+    def token_id_range(self) -> TokenIdRange:
+        """The smallest and largest token id and where each first occurs: cached, else one streamed scan."""
+        with open(self.idx_path, "rb") as lock:
+            # One process scans; concurrent openers wait and read its result. NFS refuses an exclusive lock on a
+            # file opened read-only: there, concurrent openers each scan.
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            key = _files_key(self.bin_path, self.idx_path)
+            for path in token_ids_cache_paths(self.prefix):
+                try:
+                    cached = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue  # absent or torn: look further, else scan
+                if {k: cached.get(k) for k in key} == key:
+                    return TokenIdRange(**{k: v for k, v in cached.items() if k not in key})
+            ids = self._scan_token_ids()
+            _write_token_ids_cache(self.prefix, key, ids)
+            return ids
+
+    def _scan_token_ids(self) -> TokenIdRange:
+        """One pass over ``prefix.bin`` through a fixed buffer (file reads, not the memory map, so resident memory
+        stays at :data:`SCAN_CHUNK_BYTES` however large the file)."""
+        ids, offset = TokenIdRange(), 0
+        total, started = self.bin_path.stat().st_size, time.perf_counter()
+        logger.info(
+            "checking the token ids of %s (%.1f GB) against the vocabulary: a one-time scan, cached in %s; "
+            "data.check_token_ids=false skips it",
+            self.bin_path,
+            total / 1e9,
+            token_ids_cache_paths(self.prefix)[0].name,
+        )
+        buffer = bytearray(SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % self.dtype.itemsize)
+        with (
+            open(self.bin_path, "rb") as f,
+            tqdm(total=total, unit="B", unit_scale=True, desc="token-id check", disable=total < 1 << 30) as bar,
+        ):
+            while num_bytes := f.readinto(buffer):  # a buffered read fills the buffer unless at the end of file
+                tokens = np.frombuffer(buffer, dtype=self.dtype, count=num_bytes // self.dtype.itemsize)
+                ids.update(tokens, offset, tokens.min(), tokens.max())
+                offset += len(tokens)
+                bar.update(num_bytes)
+        seconds = time.perf_counter() - started
+        logger.info(
+            "token ids of %s: %s … %s (%.0f MB/s)",
+            self.bin_path,
+            ids.min_id,
+            ids.max_id,
+            total / 1e6 / max(seconds, 1e-9),
+        )
+        return ids
+
+    def document_at(self, position: int) -> int:
+        """The document holding token position ``position`` (an offset into :attr:`tokens`)."""
+        sequence = int(np.searchsorted(self.pointers, position * self.dtype.itemsize, side="right")) - 1
+        return int(np.searchsorted(self.doc_idx, sequence, side="right")) - 1
 
     def __reduce__(self):
         return IndexedDataset, (self.prefix,)  # reopen in the receiving process rather than copy the token file
@@ -204,7 +394,8 @@ class IndexedDatasetWriter:
     Tokens go straight to a temporary ``.bin``; sizes are spooled to a temporary file, so memory stays bounded
     however large the corpus. :meth:`close` writes the index, then renames ``.bin`` and finally ``.idx`` into
     place (removing any previous ``.idx`` first), so a valid-looking pair never exists half-written; an exception
-    inside ``with`` (or :meth:`abort`) deletes the temporary files and leaves nothing behind.
+    inside ``with`` (or :meth:`abort`) deletes the temporary files and leaves nothing behind. The token-id range is
+    recorded on the way and cached beside the pair, so opening it with a ``vocab_size`` check needs no scan.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type = np.uint16) -> None:
@@ -219,6 +410,7 @@ class IndexedDatasetWriter:
         self._idx_tmp: str | None = None
         self.num_documents = 0
         self.num_tokens = 0
+        self.token_ids = TokenIdRange()
         self._closed = False
 
     @property
@@ -230,10 +422,13 @@ class IndexedDatasetWriter:
         array = np.asarray(tokens)
         if array.ndim != 1:
             raise ValueError(f"a document is a 1-D token array, got shape {array.shape}")
-        if self._max_token is not None and array.size and (array.min() < 0 or array.max() > self._max_token):
-            raise ValueError(f"token ids outside [0, {self._max_token}] do not fit dtype {self.dtype}")
         if array.size >= 2**31:
             raise ValueError(f"a document of {array.size} tokens exceeds the format's int32 size field")
+        if array.size:
+            low, high = array.min(), array.max()
+            if self._max_token is not None and (low < 0 or high > self._max_token):
+                raise ValueError(f"token ids outside [0, {self._max_token}] do not fit dtype {self.dtype}")
+            self.token_ids.update(array, self.num_tokens, low, high)
         self._bin.write(array.astype(self.dtype, copy=False).tobytes())
         self._sizes.write(np.int32(array.size).tobytes())
         self.num_documents += 1
@@ -258,6 +453,7 @@ class IndexedDatasetWriter:
         os.replace(self._bin.name, bin_path)
         os.replace(idx_tmp, idx_path)
         self._closed = True
+        _write_token_ids_cache(self.prefix, _files_key(bin_path, idx_path), self.token_ids)
         return IndexedDataset(self.prefix)
 
     def _write_index(self) -> str:
