@@ -12,6 +12,9 @@ table rows k·2^τ + code) and ``weights`` [K, N]; every other kernel streams th
   chunk's 2^τ × BLOCK_H slice of ∂L/∂tables and walks the tokens in order, so no other program writes it: no
   atomics, no sort, no host sync, the same bits every run.
 
+Offsets are int32 (``INDEX``) unless a tensor has 2^31 elements or more: 64-bit address arithmetic per gathered
+row would cost a third of the gather loop's instructions.
+
 Importing this module requires Triton; :mod:`memoryformer.kernels.triton` imports it only when Triton is present.
 Whether the kernels run compiled (CUDA) or in Triton's interpreter (CPU) is fixed when this module is imported,
 by ``TRITON_INTERPRET``.
@@ -136,6 +139,7 @@ def gather_kernel(
     EVEN_H: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
     """out[split, n, h-block] = Σ_k w_{n,k} · tables[r_{n,k}, h-block] (+ bias) over the split's chunks.
 
@@ -153,16 +157,13 @@ def gather_kernel(
     k_end = tl.minimum(k_start + chunks_per_split, K)
 
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=ACC)
-    chunk_offset = k_start.to(tl.int64) * N + offs_n  # advanced by N per chunk: 64-bit, no multiply in the loop
+    chunk_offset = k_start.to(INDEX) * N + offs_n  # advanced by N per chunk: no multiply in the loop
     for _ in range(k_start, k_end):
         rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
         w = tl.load(weights_ptr + chunk_offset, mask=mask_n, other=0.0)
         chunk_offset += N
-        row_ptrs = tables_ptr + rows.to(tl.int64)[:, None] * stride_tr + offs_h[None, :]
-        if EVEN_H:
-            gathered = tl.load(row_ptrs)
-        else:
-            gathered = tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
+        row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
+        gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
         acc += w[:, None] * gathered.to(ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(ACC)[None, :]
@@ -185,6 +186,7 @@ def grad_weights_kernel(
     BLOCK_H: tl.constexpr,
     EVEN_H: tl.constexpr,
     ACC: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
     """partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}]⟩ over one feature block: ∂L/∂w_{n,k} before summing blocks.
 
@@ -195,18 +197,15 @@ def grad_weights_kernel(
     offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_n = offs_n < N
     mask_h = offs_h < H
-    g_ptrs = grad_y_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_h[None, :]
+    g_ptrs = grad_y_ptr + offs_n.to(INDEX)[:, None] * stride_gn + offs_h[None, :]
     g = tl.load(g_ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0).to(ACC)
 
-    chunk_offset = offs_n.to(tl.int64)  # advanced by N per chunk
-    partial_ptr += h_block.to(tl.int64) * K * N
+    chunk_offset = offs_n.to(INDEX)  # advanced by N per chunk
+    partial_ptr += h_block.to(INDEX) * K * N
     for _ in range(K):
         rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
-        row_ptrs = tables_ptr + rows.to(tl.int64)[:, None] * stride_tr + offs_h[None, :]
-        if EVEN_H:
-            gathered = tl.load(row_ptrs)
-        else:
-            gathered = tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
+        row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
+        gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
         partial = tl.sum(g * gathered.to(ACC), axis=1)
         tl.store(partial_ptr + chunk_offset, partial, mask=mask_n)
         chunk_offset += N
@@ -263,6 +262,7 @@ def table_grad_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     ACC: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
     """∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r, for one (k, h-block).
 
@@ -281,17 +281,17 @@ def table_grad_kernel(
     for start in range(0, N, BLOCK_T):
         offs_t = start + lanes
         mask_t = offs_t < N
-        chunk_offset = k.to(tl.int64) * N + offs_t
+        chunk_offset = k.to(INDEX) * N + offs_t
         rows = tl.load(rows_ptr + chunk_offset, mask=mask_t, other=0)
         w = tl.load(weights_ptr + chunk_offset, mask=mask_t, other=0.0)
-        g_ptrs = grad_y_ptr + offs_t.to(tl.int64)[:, None] * stride_gn + offs_h[None, :]
+        g_ptrs = grad_y_ptr + offs_t.to(INDEX)[:, None] * stride_gn + offs_h[None, :]
         g = tl.load(g_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0).to(ACC)
         same_row = rows[:, None] == rows[None, :]
         # Lanes past N have weight 0 and come after every real token, so they never lead a real row.
         summed = tl.dot(same_row.to(ACC), w[:, None] * g, input_precision="ieee", out_dtype=ACC)
         first_lane = tl.min(tl.where(same_row, lanes[None, :], BLOCK_T), axis=1)
         leads = (first_lane == lanes) & mask_t
-        slice_ptrs = grad_tables_ptr + rows.to(tl.int64)[:, None] * stride_gtr + offs_h[None, :]
+        slice_ptrs = grad_tables_ptr + rows.to(INDEX)[:, None] * stride_gtr + offs_h[None, :]
         mask = leads[:, None] & mask_h[None, :]
         tl.store(slice_ptrs, tl.load(slice_ptrs, mask=mask, other=0.0) + summed, mask=mask)
         tl.debug_barrier()  # this tile's row writes land before the next tile's reads, which other threads may do
