@@ -12,12 +12,15 @@ import sys
 import pytest
 import torch
 
+from benchmarks.kernel_report import before_after_rows, render_kernel_report
+
 pytest.importorskip("triton", reason="the triton backend needs the `triton` package")
 
 from memoryformer.kernels import memory_lookup_reference
 from memoryformer.kernels import triton as triton_backend
 from memoryformer.kernels.triton import legacy, memory_lookup_triton, triton_available
 from memoryformer.kernels.triton.legacy import memory_lookup_triton_legacy as legacy_lookup
+from memoryformer.kernels.triton.roofline import GPUS, MODEL_WIDTHS, bound, forward_traffic, layer_shapes, roofline
 
 DEVICE = "cpu" if triton_backend.kernels.INTERPRETED else "cuda"
 if not triton_available():
@@ -303,3 +306,24 @@ def test_kernels_compile_for_cuda_and_report(tmp_path):
         assert r["loop_counts"]["global_loads_128bit"] > 0, r
         assert r["loop_counts"]["barriers"] == 0 and r["loop_counts"]["shared_memory_ops"] == 0, r
     assert any(r["kernel_counts"]["atomics"] for r in records if r["kernel"] == "memory_lookup_backward_kernel")
+
+    # The make-bench section renders it: one before/after row per case and phase, with the roofline after it.
+    section = {"arch": 80, "kernels": records, "roofline": roofline()}
+    rows = before_after_rows(records)
+    assert len(rows) == 2 * len({r["case"] for r in records}) and all(row["fewer ×"] for row in rows)
+    markdown = "\n".join(render_kernel_report(section))
+    assert "table_grad_kernel" in markdown and "Roofline model" in markdown
+
+
+def test_roofline_counts_the_bytes_of_a_lookup():
+    """mf-tiny's QKV lookup (K=64, τ=8, h=1536, bf16 gathers, fp32 x) at N = 16k: x 2048 B + rows and weights
+    written and read 1024 B + y 6144 B + every table row once (64·256·1536·2 B / 16384 tokens = 3072 B)."""
+    qkv = layer_shapes("mf-tiny", 512)[0]
+    assert (qkv.num_chunks, qkv.out_features) == (64, 1536)
+    traffic = forward_traffic(qkv, 16384)
+    assert traffic.compulsory_bytes / 16384 == 2048 + 1024 + 6144 + 3072
+    assert traffic.gathered_bytes / 16384 == 64 * 1536 * 2
+    assert bound(forward_traffic(qkv, 1), GPUS["H100"])["limiter"] == "launch"  # decode: a few launches, ~0.2 MB
+    rows = roofline()
+    assert {(r["model"], r["tokens"]) for r in rows} == {(m, n) for m in MODEL_WIDTHS for n in (1, 2048, 16384)}
+    assert all(0 < r["hbm_fraction"] <= 1 for r in rows)

@@ -224,8 +224,10 @@ def _backward(
         kernels.table_grad_kernel[grid](
             rows, weights, grad_y, grad_tables, num_tokens, out_features, grad_y.stride(0), grad_tables.stride(0),
             BLOCK_T=config.block_t, BLOCK_H=config.table_block_h, ACC=accumulator,
-            INDEX=_index_type(rows, grad_y, grad_tables),
-            num_warps=_warps(config.block_t * config.table_block_h),
+            INDEX=_index_type(rows, grad_y, grad_tables), BF16_DOT=not kernels.INTERPRETED,
+            # One stage: a software-pipelined prefetch of the slice rows would read them before the previous
+            # tile's stores land.
+            num_warps=_warps(config.block_t * config.table_block_h), num_stages=1,
         )  # fmt: skip
     return grad_x, grad_tables.to(grad_tables_dtype)
 

@@ -250,6 +250,31 @@ def grad_x_kernel(
 
 
 @triton.jit
+def _sum_same_rows(same_row, values, ACC: tl.constexpr, BF16_DOT: tl.constexpr):
+    """same_row [T, T] (0/1) @ values [T, BLOCK_H]: each token's sum over the tile's tokens sharing its row.
+
+    fp32 on tensor cores without losing bits: values = hi + mid + lo exactly, each part a bf16 (8 significant bits
+    each, 24 in all), and a 0/1 matrix times a bf16 is exact, so three bf16 products accumulated in fp32 give the
+    fp32 sums (to the accumulator's rounding), not the 8-bit TF32 or bf16 ones. fp64 uses FMA (exact IEEE).
+    BF16_DOT=False multiplies the same parts as fp32 operands (identical exact products): Triton's interpreter
+    gets bf16 operands of tl.dot wrong, and this keeps the split itself under test there.
+    """
+    if ACC == tl.float32:  # noqa: SIM300 (ACC is the constexpr argument, tl.float32 the constant)
+        ones = tl.where(same_row, 1.0, 0.0).to(tl.bfloat16)  # not bool.to(bf16): the interpreter makes that 0
+        hi = values.to(tl.bfloat16)
+        rest = values - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        if not BF16_DOT:
+            ones, hi, mid, lo = ones.to(tl.float32), hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
+        summed = tl.dot(ones, hi, out_dtype=tl.float32)
+        summed = tl.dot(ones, mid, summed, out_dtype=tl.float32)
+        return tl.dot(ones, lo, summed, out_dtype=tl.float32)
+    else:
+        return tl.dot(same_row.to(ACC), values, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
 def table_grad_kernel(
     rows_ptr,
     weights_ptr,
@@ -263,16 +288,18 @@ def table_grad_kernel(
     BLOCK_H: tl.constexpr,
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
+    BF16_DOT: tl.constexpr,
 ):
     """∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r, for one (k, h-block).
 
     Grid: (K, cdiv(H, BLOCK_H)), chunks fastest so the K programs of one feature block stream the same grad_y
     columns through L2 together. The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
-    zero-initialised ACC buffer ``grad_tables`` (its slice stays in L1/L2: 2^τ × BLOCK_H × 4 bytes), and walks the
-    tokens BLOCK_T at a time, in order. Within a tile, tokens sharing a row (hot rows) are first summed by a
-    [BLOCK_T, BLOCK_T] same-row matrix product, so only the row's first token of the tile reads, adds and writes
-    it: the stores of one tile never collide, and a barrier orders them before the next tile's reads. Every sum
-    has a fixed order: the result is the same bits on every run, with no atomics, sort or host sync.
+    zero-initialised ACC buffer ``grad_tables`` (2^τ × BLOCK_H × 4 bytes, read and written through L1/L2: on chip as
+    far as the caches keep it, which only a GPU run can tell), and walks the tokens BLOCK_T at a time, in order.
+    Within a tile, tokens sharing a row (hot rows) are first summed by a [BLOCK_T, BLOCK_T] same-row matrix product
+    (:func:`_sum_same_rows`, on tensor cores), so only the row's first token of the tile reads, adds and writes it:
+    the stores of one tile never collide, and a barrier orders them before the next tile's reads. Every sum has a
+    fixed order: the result is the same bits on every run, with no atomics, sort or host sync.
     """
     k = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -288,7 +315,7 @@ def table_grad_kernel(
         g = tl.load(g_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0).to(ACC)
         same_row = rows[:, None] == rows[None, :]
         # Lanes past N have weight 0 and come after every real token, so they never lead a real row.
-        summed = tl.dot(same_row.to(ACC), w[:, None] * g, input_precision="ieee", out_dtype=ACC)
+        summed = _sum_same_rows(same_row, w[:, None] * g, ACC, BF16_DOT)
         first_lane = tl.min(tl.where(same_row, lanes[None, :], BLOCK_T), axis=1)
         leads = (first_lane == lanes) & mask_t
         slice_ptrs = grad_tables_ptr + rows.to(INDEX)[:, None] * stride_gtr + offs_h[None, :]
