@@ -239,7 +239,7 @@ class KernelRecord:
     kernel_counts: dict
     loop_counts: dict | None
     loop_terms: int | None  # (token, chunk, feature) terms a program handles per hot-loop iteration
-    instructions_per_kterm: float | None  # hot-loop warp instructions per 1024 terms
+    instructions_per_kterm: float | None  # hot-loop (or, loop-free, whole-kernel) warp instructions per 1024 terms
 
 
 def loop_terms(launch: Launch) -> int | None:
@@ -275,8 +275,10 @@ def kernel_report(arch: int = 80, cases: list[Case] | None = None) -> list[Kerne
                     measured[key] = usage, sass_counts(disassemble(compiled.asm["cubin"]))
                 usage, counts = measured[key]
                 num_warps = launch.kwargs.get("num_warps", 4)
-                terms = loop_terms(launch) if counts["loop"] else None
-                per_kterm = round(counts["loop"]["instructions"] * num_warps * 1024 / terms, 1) if terms else None
+                terms = loop_terms(launch)
+                # No loop (e.g. one chunk per program at decode, specialized away): the whole kernel is one step.
+                instructions = (counts["loop"] or counts["kernel"])["instructions"]
+                per_kterm = round(instructions * num_warps * 1024 / terms, 1) if terms else None
                 records.append(KernelRecord(
                     implementation, case.name, phase, launch.kernel.__name__, num_warps, usage["registers"],
                     usage["spill_bytes"], counts["kernel"], counts["loop"], terms, per_kterm,

@@ -158,13 +158,18 @@ def gather_kernel(
 
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=ACC)
     chunk_offset = k_start.to(INDEX) * N + offs_n  # advanced by N per chunk: no multiply in the loop
-    for _ in range(k_start, k_end):
-        rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
-        w = tl.load(weights_ptr + chunk_offset, mask=mask_n, other=0.0)
+    rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
+    w = tl.load(weights_ptr + chunk_offset, mask=mask_n, other=0.0)
+    for k in range(k_start, k_end):
+        # Prefetch the next chunk's rows and weights: its gather addresses are ready when this one's data lands.
         chunk_offset += N
+        has_next = mask_n & (k + 1 < k_end)
+        next_rows = tl.load(rows_ptr + chunk_offset, mask=has_next, other=0)
+        next_w = tl.load(weights_ptr + chunk_offset, mask=has_next, other=0.0)
         row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
         gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
         acc += w[:, None] * gathered.to(ACC)
+        rows, w = next_rows, next_w
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(ACC)[None, :]
     out_ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_n.to(tl.int64)[:, None] * stride_on + offs_h[None, :]
