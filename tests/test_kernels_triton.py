@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks import bench_gpu
 from benchmarks.kernel_report import before_after_rows, render_kernel_report
 
 pytest.importorskip("triton", reason="the triton backend needs the `triton` package")
@@ -316,6 +317,12 @@ def test_kernels_compile_for_cuda_and_report(tmp_path):
     assert float(forward["fewer ×"]) > 1.5  # the new gather loop: fewer instructions per gathered value
     markdown = "\n".join(render_kernel_report(section))
     assert "table_grad_kernel" in markdown and "Roofline model" in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")
+def test_bench_gpu_skips_cleanly_without_cuda(tmp_path, capsys):
+    assert bench_gpu.main(["--output-dir", str(tmp_path)]) == 0
+    assert "skipped: no CUDA device" in capsys.readouterr().out and not any(tmp_path.iterdir())
 
 
 def test_roofline_counts_the_bytes_of_a_lookup():

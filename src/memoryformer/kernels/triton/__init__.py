@@ -65,7 +65,7 @@ class BackwardConfig(NamedTuple):
     block_n: int  # tokens per grad_weights program
     block_h: int  # features per grad_weights program
     block_t: int  # tokens per step of a table_grad program (≥ 16: a tl.dot operand)
-    table_block_h: int  # features per table_grad program: its 2^τ × table_block_h slice stays ≤ 64 KB in fp32
+    table_block_h: int  # features per table_grad program (it owns a 2^τ × table_block_h fp32 slice)
     num_warps: int
 
 
@@ -96,11 +96,12 @@ def forward_config(num_tokens: int, out_features: int, num_chunks: int) -> Forwa
     return ForwardConfig(block_n, block_h, splits, chunks_per_split, _warps(block_n * block_h))
 
 
-def backward_config(num_tokens: int, out_features: int, tau: int) -> BackwardConfig:
+def backward_config(num_tokens: int, out_features: int) -> BackwardConfig:
+    """∂w tiles like the forward's; table-gradient steps of 16 tokens × 64 features (a 2^τ × 64 fp32 slice: 64 KB
+    at τ=8, 256 KB at τ=10; 16 features at τ=10 cost 1.6× the instructions per term, sm_80)."""
     block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
     block_h = _feature_block(out_features, 128)
-    table_block_h = _feature_block(out_features, max(16, (1 << 14) >> tau))  # 2^τ × 64 at τ=8, × 16 at τ=10
-    return BackwardConfig(block_n, block_h, 16, table_block_h, _warps(block_n * block_h))
+    return BackwardConfig(block_n, block_h, 16, _feature_block(out_features, 64), _warps(block_n * block_h))
 
 
 def check_lookup_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int) -> None:
@@ -157,25 +158,24 @@ def _hash(x: torch.Tensor, tau: int, score: Score, temperature: torch.Tensor) ->
 def _gather(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [N, h] = Σ_k weights[k, n] · tables[rows[k, n]] + bias, accumulated in the weights' dtype."""
     (num_chunks, num_tokens), out_features = rows.shape, tables.shape[1]
-    y = torch.zeros(num_tokens, out_features, dtype=weights.dtype, device=rows.device)
-    if y.numel() == 0:
-        return y
-    if num_chunks == 0:
-        return y + bias if bias is not None else y
+    if num_tokens * out_features == 0 or num_chunks == 0:
+        y = torch.zeros(num_tokens, out_features, dtype=weights.dtype, device=rows.device)
+        return y + bias.to(y.dtype) if bias is not None else y
     config = forward_config(num_tokens, out_features, num_chunks)
-    # Several splits write partial sums that are added in split order below (deterministic, no atomics).
-    out = y if config.splits == 1 else y.new_empty(config.splits, num_tokens, out_features)
+    # Several splits write partial sums, added below in split order: deterministic, no atomics, no host sync.
+    out = weights.new_empty(config.splits, num_tokens, out_features)
+    fused_bias = bias if config.splits == 1 else None
     grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(out_features, config.block_h), config.splits)
     kernels.gather_kernel[grid](
-        rows, weights, tables, bias if config.splits == 1 else None, out,
+        rows, weights, tables, fused_bias, out,
         num_tokens, out_features, num_chunks, config.chunks_per_split,
-        tables.stride(0), out.stride(-2), out.stride(0) if config.splits > 1 else 0,
+        tables.stride(0), out.stride(1), out.stride(0),
         BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=out_features % config.block_h == 0,
-        HAS_BIAS=bias is not None and config.splits == 1, ACC=kernels.ACCUMULATOR_TYPES[weights.dtype],
+        HAS_BIAS=fused_bias is not None, ACC=kernels.ACCUMULATOR_TYPES[weights.dtype],
         INDEX=_index_type(rows, tables, out), num_warps=config.num_warps,
     )  # fmt: skip
     if config.splits == 1:
-        return y
+        return out[0]
     y = out.sum(0)
     return y + bias.to(y.dtype) if bias is not None else y
 
@@ -195,7 +195,7 @@ def _backward(
     """∂L/∂x (when needed) and ∂L/∂tables in ``grad_tables_dtype`` (None: not needed); see the module docstring."""
     (num_chunks, num_tokens), out_features = rows.shape, tables.shape[1]
     accumulator = kernels.ACCUMULATOR_TYPES[weights.dtype]
-    config = backward_config(num_tokens, out_features, tau)
+    config = backward_config(num_tokens, out_features)
     empty = rows.numel() * out_features == 0
 
     grad_x = None

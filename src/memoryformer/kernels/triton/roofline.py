@@ -13,8 +13,11 @@ Backward (``grad_weights_kernel`` + ``grad_x_kernel`` + ``table_grad_kernel``)
     - compulsory HBM bytes: grad_y once (N·h·4), rows/weights, x and grad_x, the fp32 table gradient written once
       (K·2^τ·h·4) plus its cast to the table dtype, and the touched table rows once more.
     - gathered bytes: N·K·h·e_t again (∂L/∂w), and grad_y tiles once per chunk from L2 (N·h·4·K).
-    - FLOPs: 2·N·K·h for ∂L/∂w, 2·N·K·h·BLOCK_T for the table gradient's per-tile same-row sums (a [16, 16] × [16,
-      BLOCK_H] fp32 product per token tile: the price of determinism without atomics), on the FP32 pipes.
+    - FLOPs: 2·N·K·h for ∂L/∂w, and 3 × 2·N·K·h·BLOCK_T for the table gradient's per-tile same-row sums (three
+      bf16 [16, 16] × [16, 64] products per token tile, on tensor cores: the price of determinism without
+      atomics); counted on the FP32 pipes, which overstates them.
+    - not counted: each tile's read-modify-write of its rows' slice (≤ N·K·h·8 bytes), L2 traffic while the
+      programs' slices stay cached, HBM traffic when they do not — only a GPU run can tell which.
 
 Time bound = max(compulsory bytes / HBM bandwidth, gathered bytes / L2 bandwidth, FLOPs / FP32 peak), and the
 "fraction of HBM peak" is the compulsory bytes over that time, divided by HBM bandwidth — what ``make bench-gpu``
@@ -101,7 +104,7 @@ def backward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x
         + table_grad // 4 * table_bytes  # … and cast it to the table dtype
     )
     gathered = n * k * h * table_bytes + n * k * h * 4
-    flops = 2 * n * k * h + 2 * n * k * h * BLOCK_T + 30 * n * k * tau
+    flops = 2 * n * k * h + 3 * 2 * n * k * h * BLOCK_T + 30 * n * k * tau
     return Traffic(compulsory, gathered, flops, launches=5)
 
 
