@@ -15,11 +15,12 @@ Backward (``grad_weights_kernel`` + ``grad_x_kernel`` + ``table_grad_kernel``)
     - gathered bytes: N·K·h·e_t again (∂L/∂w), and grad_y tiles once per chunk from L2 (N·h·4·K).
     - FLOPs: 2·N·K·h for ∂L/∂w, and 3 × 2·N·K·h·BLOCK_T for the table gradient's per-tile same-row sums (three
       bf16 [16, 16] × [16, 64] products per token tile, on tensor cores: the price of determinism without
-      atomics); counted on the FP32 pipes, which overstates them.
+      atomics), against the dense bf16 tensor-core peak.
     - not counted: each tile's read-modify-write of its rows' slice (≤ N·K·h·8 bytes), L2 traffic while the
       programs' slices stay cached, HBM traffic when they do not — only a GPU run can tell which.
 
-Time bound = max(compulsory bytes / HBM bandwidth, gathered bytes / L2 bandwidth, FLOPs / FP32 peak), and the
+Time bound = max(compulsory bytes / HBM bandwidth, gathered bytes / L2 bandwidth, FLOPs / peak, hot-loop warp
+instructions / issue rate (from the kernel report, when given)), and the
 "fraction of HBM peak" is the compulsory bytes over that time, divided by HBM bandwidth — what ``make bench-gpu``
 measures the same way (compulsory bytes / measured time). At N = 1 no bound applies: a decode lookup moves
 ~0.2–0.8 MB, under a microsecond of HBM time, so it is bound by launch and memory latency (2 launches + a
@@ -63,14 +64,24 @@ class Gpu:
     name: str
     hbm_gbs: float  # datasheet HBM bandwidth, GB/s
     fp32_tflops: float  # datasheet non-tensor FP32 peak
+    tensor_tflops: float  # datasheet dense bf16 tensor-core peak
+    sms: int
+    boost_ghz: float
     launch_us: float = 4.0  # one kernel launch, eager (≈2 under a CUDA graph)
+
+    @property
+    def warp_instructions_per_us(self) -> float:
+        return self.sms * 4 * self.boost_ghz * 1e3  # four schedulers per SM, one warp instruction each per clock
 
     @property
     def l2_gbs(self) -> float:
         return 3 * self.hbm_gbs  # assumption, see the module docstring
 
 
-GPUS = {"A100": Gpu("A100-SXM4-80GB", 2039.0, 19.5), "H100": Gpu("H100-SXM5-80GB", 3350.0, 67.0)}
+GPUS = {
+    "A100": Gpu("A100-SXM4-80GB", 2039.0, 19.5, 312.0, sms=108, boost_ghz=1.41),
+    "H100": Gpu("H100-SXM5-80GB", 3350.0, 67.0, 989.0, sms=132, boost_ghz=1.98),
+}
 TOKENS = (1, 2048, 16384)
 BLOCK_T = 16  # table_grad_kernel's token tile (BackwardConfig.block_t)
 
@@ -79,8 +90,10 @@ BLOCK_T = 16  # table_grad_kernel's token tile (BackwardConfig.block_t)
 class Traffic:
     compulsory_bytes: float
     gathered_bytes: float
-    flops: float
+    flops: float  # on the FP32 pipes
     launches: int
+    tokens: int
+    tensor_flops: float = 0.0  # on tensor cores
 
 
 def forward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_bytes: int = 4) -> Traffic:
@@ -88,7 +101,7 @@ def forward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_
     touched_rows = min(n, 2**tau) * k
     compulsory = n * k * tau * x_bytes + 2 * n * k * 8 + n * h * 4 + touched_rows * h * table_bytes
     flops = 2 * n * k * h + 10 * n * k * tau
-    return Traffic(compulsory, n * k * h * table_bytes, flops, launches=2 if n > 1 else 3)
+    return Traffic(compulsory, n * k * h * table_bytes, flops, launches=2 if n > 1 else 3, tokens=n)
 
 
 def backward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_bytes: int = 4) -> Traffic:
@@ -104,19 +117,25 @@ def backward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x
         + table_grad // 4 * table_bytes  # … and cast it to the table dtype
     )
     gathered = n * k * h * table_bytes + n * k * h * 4
-    flops = 2 * n * k * h + 3 * 2 * n * k * h * BLOCK_T + 30 * n * k * tau
-    return Traffic(compulsory, gathered, flops, launches=5)
+    flops = 2 * n * k * h + 30 * n * k * tau
+    return Traffic(compulsory, gathered, flops, launches=5, tokens=n, tensor_flops=3 * 2 * n * k * h * BLOCK_T)
 
 
-def bound(traffic: Traffic, gpu: Gpu) -> dict:
-    """The roofline time (µs), the term that binds it, and the fraction of HBM peak the compulsory bytes reach."""
+def bound(traffic: Traffic, gpu: Gpu, terms_per_token: float = 0.0, instructions_per_kterm: float = 0.0) -> dict:
+    """The roofline time (µs), the term that binds it, and the fraction of HBM peak the compulsory bytes reach.
+
+    ``instructions_per_kterm`` (from the kernel report: hot-loop warp instructions per 1024 lookup terms) adds the
+    instruction-issue bound for ``terms_per_token`` · N terms.
+    """
     terms = {
         "hbm": traffic.compulsory_bytes / (gpu.hbm_gbs * 1e3),
         "l2": traffic.gathered_bytes / (gpu.l2_gbs * 1e3),
         "fp32": traffic.flops / (gpu.fp32_tflops * 1e6),
+        "tensor": traffic.tensor_flops / (gpu.tensor_tflops * 1e6),
+        "issue": traffic.tokens * terms_per_token * instructions_per_kterm / 1024 / gpu.warp_instructions_per_us,
         "launch": traffic.launches * gpu.launch_us,
     }
-    bandwidth_terms = {key: terms[key] for key in ("hbm", "l2", "fp32")}
+    bandwidth_terms = {key: terms[key] for key in ("hbm", "l2", "fp32", "tensor", "issue")}
     limiter = max(bandwidth_terms, key=bandwidth_terms.get)
     if terms["launch"] > bandwidth_terms[limiter]:
         limiter = "launch"
@@ -129,23 +148,31 @@ def bound(traffic: Traffic, gpu: Gpu) -> dict:
     }
 
 
-def roofline(models: tuple[str, ...] = ("mf-tiny", "mf-small", "mf-base"), gpu: str = "H100") -> list[dict]:
+def roofline(
+    models: tuple[str, ...] = ("mf-tiny", "mf-small", "mf-base"),
+    gpu: str = "H100",
+    instructions_per_kterm: dict[str, float] | None = None,
+) -> list[dict]:
     """Per model, layer, N and phase: bytes and FLOPs per token, the bound and the expected fraction of HBM peak.
 
-    Training gathers bf16 (autocast copy of the fp32 tables); x is fp32.
+    Training gathers bf16 (autocast copy of the fp32 tables); x is fp32. ``instructions_per_kterm`` maps a phase
+    to the kernel report's hot-loop instructions per 1024 terms (K·h terms per token), adding the issue bound.
     """
+    issue = instructions_per_kterm or {}
     rows = []
     for model in models:
         for shape in layer_shapes(model, MODEL_WIDTHS[model]):
             for n in TOKENS:
                 phases = {"forward": forward_traffic(shape, n), "backward": backward_traffic(shape, n)}
                 for phase, traffic in phases.items():
+                    terms = shape.num_chunks * shape.out_features
                     rows.append({
                         "model": model, "layer": shape.layer, "tau": shape.tau, "K": shape.num_chunks,
                         "h": shape.out_features, "tokens": n, "phase": phase, "gpu": GPUS[gpu].name,
                         "bytes_per_token": traffic.compulsory_bytes / n,
                         "gathered_bytes_per_token": traffic.gathered_bytes / n,
-                        "flops_per_token": traffic.flops / n, **bound(traffic, GPUS[gpu]),
+                        "flops_per_token": (traffic.flops + traffic.tensor_flops) / n,
+                        **bound(traffic, GPUS[gpu], terms, issue.get(phase, 0.0)),
                     })  # fmt: skip
     return rows
 
