@@ -199,7 +199,8 @@ SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.+?)\s*;", re.MULTILIN
 
 
 def sass_counts(sass: str) -> dict[str, Any]:
-    """Whole-kernel counts and the hot loop's: the backward branch whose body holds the most global loads."""
+    """Whole-kernel counts and the hot loop's (the backward branch whose body holds the most global loads), with
+    the instructions of its cheapest path when branches skip a block (the table gradient's no-repeat fast path)."""
     lines = sass.splitlines()
     instructions = [(i, m.group(1)) for i, line in enumerate(lines) if (m := SASS_INSTRUCTION.match(line))]
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
@@ -216,14 +217,33 @@ def sass_counts(sass: str) -> dict[str, Any]:
             "shared_memory_ops": sum(op.startswith(("LDS", "STS")) for op in opcodes),
         }
 
+    def branch_target(op: str) -> int | None:
+        target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", op)
+        return labels.get(target.group(1)) if target else None
+
+    def shortest_path(body: list[tuple[int, str]]) -> int:
+        """Instructions on the cheapest way through a loop body: forward branches may skip blocks (fast paths)."""
+        steps = {p: float("inf") for p, _ in body}
+        steps[body[0][0]] = 0
+        for index, (position, op) in enumerate(body[:-1]):
+            target = branch_target(op)
+            if target is not None and target > position:  # a forward branch: jump to the first instruction after
+                landing = next((p for p, _ in body if p > target), None)
+                if landing is not None:
+                    steps[landing] = min(steps[landing], steps[position] + 1)
+            if target is None or op.lstrip().startswith("@"):  # falls through unless unconditional
+                following = body[index + 1][0]
+                steps[following] = min(steps[following], steps[position] + 1)
+        return int(steps[body[-1][0]]) + 1
+
     best: dict[str, int] | None = None
     for position, op in instructions:
-        target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", op)
-        if target and labels.get(target.group(1), position) < position:
-            body = [o for p, o in instructions if labels[target.group(1)] <= p <= position]
-            loop = count(body)
+        target = branch_target(op)
+        if target is not None and target < position:
+            body = [(p, o) for p, o in instructions if target <= p <= position]
+            loop = count([o for _, o in body])
             if loop["global_loads"] and (best is None or loop["global_loads"] > best["global_loads"]):
-                best = loop
+                best = loop | {"fast_path_instructions": shortest_path(body)}
     return {"kernel": count([op for _, op in instructions]), "loop": best}
 
 
@@ -240,6 +260,7 @@ class KernelRecord:
     loop_counts: dict | None
     loop_terms: int | None  # (token, chunk, feature) terms a program handles per hot-loop iteration
     instructions_per_kterm: float | None  # hot-loop (or, loop-free, whole-kernel) warp instructions per 1024 terms
+    fast_path_per_kterm: float | None  # the same along the loop's cheapest path (e.g. no repeated row in a tile)
 
 
 def loop_terms(launch: Launch) -> int | None:
@@ -278,10 +299,12 @@ def kernel_report(arch: int = 80, cases: list[Case] | None = None) -> list[Kerne
                 terms = loop_terms(launch)
                 # No loop (e.g. one chunk per program at decode, specialized away): the whole kernel is one step.
                 instructions = (counts["loop"] or counts["kernel"])["instructions"]
+                fast_path = (counts["loop"] or {}).get("fast_path_instructions", instructions)
                 per_kterm = round(instructions * num_warps * 1024 / terms, 1) if terms else None
+                fast_per_kterm = round(fast_path * num_warps * 1024 / terms, 1) if terms else None
                 records.append(KernelRecord(
                     implementation, case.name, phase, launch.kernel.__name__, num_warps, usage["registers"],
-                    usage["spill_bytes"], counts["kernel"], counts["loop"], terms, per_kterm,
+                    usage["spill_bytes"], counts["kernel"], counts["loop"], terms, per_kterm, fast_per_kterm,
                 ))  # fmt: skip
     return records
 

@@ -302,9 +302,10 @@ def table_grad_kernel(
     zero-initialised ACC buffer ``grad_tables`` (2^τ × BLOCK_H × 4 bytes, read and written through L1/L2: on chip as
     far as the caches keep it, which only a GPU run can tell), and walks the tokens BLOCK_T at a time, in order.
     Within a tile, tokens sharing a row (hot rows) are first summed by a [BLOCK_T, BLOCK_T] same-row matrix product
-    (:func:`_sum_same_rows`, on tensor cores), so only the row's first token of the tile reads, adds and writes it:
-    the stores of one tile never collide, and a barrier orders them before the next tile's reads. Every sum has a
-    fixed order: the result is the same bits on every run, with no atomics, sort or host sync.
+    (:func:`_sum_same_rows`, on tensor cores; skipped when no row repeats in the tile), so only the row's first
+    token of the tile reads, adds and writes it: the stores of one tile never collide, and a barrier orders them
+    before the next tile's reads. Every sum has a fixed order: the result is the same bits on every run, with no
+    atomics, sort or host sync.
     """
     k = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -318,11 +319,16 @@ def table_grad_kernel(
         w = tl.load(weights_ptr + chunk_offset, mask=mask_t, other=0.0)
         g_ptrs = grad_y_ptr + offs_t.to(INDEX)[:, None] * stride_gn + offs_h[None, :]
         g = tl.load(g_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0).to(ACC)
+        rows = tl.where(mask_t, rows, -1 - lanes)  # lanes past N share no row, with anyone
+        values = w[:, None] * g
         same_row = rows[:, None] == rows[None, :]
-        # Lanes past N have weight 0 and come after every real token, so they never lead a real row.
-        summed = _sum_same_rows(same_row, w[:, None] * g, ACC, BF16_DOT)
         first_lane = tl.min(tl.where(same_row, lanes[None, :], BLOCK_T), axis=1)
-        leads = (first_lane == lanes) & mask_t
+        leads = first_lane == lanes
+        if tl.sum((~leads).to(tl.int32), axis=0) == 0:  # no row twice in the tile (the common case): no sums
+            summed = values
+        else:
+            summed = _sum_same_rows(same_row, values, ACC, BF16_DOT)
+        leads = leads & mask_t
         slice_ptrs = grad_tables_ptr + rows.to(INDEX)[:, None] * stride_gtr + offs_h[None, :]
         mask = leads[:, None] & mask_h[None, :]
         tl.store(slice_ptrs, tl.load(slice_ptrs, mask=mask, other=0.0) + summed, mask=mask)
