@@ -13,7 +13,6 @@ Backends (all share the contract of :func:`memory_lookup_reference`):
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -63,9 +62,11 @@ def lookup_function(backend: str) -> LookupFn:
 
         return memory_lookup_triton
     if backend == "triton_legacy":
-        # Imported by name, not by an import statement, so that checkpoints' remote code (models/export.py bundles
-        # what this module imports) does not ship a benchmark-only backend.
-        return importlib.import_module("memoryformer.kernels.triton.legacy").memory_lookup_triton_legacy
+        # Imported by a call, not an import statement: checkpoints' remote code (models/export.py bundles what this
+        # module's import statements name, and allows only a few stdlib modules) must not ship this benchmark-only
+        # backend, which needs Triton.
+        legacy = __import__("memoryformer.kernels.triton.legacy", fromlist=["memory_lookup_triton_legacy"])
+        return legacy.memory_lookup_triton_legacy
     raise ValueError(f"{backend!r} is not a concrete lookup backend; choose one of {BACKENDS[1:]}")
 
 
