@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-slow test-all lint pretrain sample flops data download eval eval-tasks tables sweep buckets bench
+.PHONY: help setup test test-slow test-all lint pretrain sample flops data download eval eval-tasks tables sweep buckets bench bench-gpu
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
@@ -70,3 +70,6 @@ buckets: setup  ## bucket usage of one block (Figure 4): make buckets [CKPT=runs
 
 bench: setup  ## lookup vs matmul, block, model, training, data -> benchmarks/results/latest.{json,md} (ARGS="--quick")
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-gpu: setup  ## GPU lookup kernels vs nn.Linear/embedding_bag/legacy: fwd, bwd, train step, HBM GB/s (skips without CUDA)
+	$(PY) -m benchmarks.bench_gpu $(ARGS)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from benchmarks.kernel_report import render_kernel_report
 from memoryformer.reporting import markdown_table
 
 # The targets name d = 512 and 1024 (the kernel run's smallest and largest widths) and "N ≥ 256"; a quick
@@ -394,6 +395,7 @@ SECTION_WRITERS = {
     "models": _model_section,
     "training": _training_section,
     "data": _data_section,
+    "gpu_kernels": render_kernel_report,
 }
 
 

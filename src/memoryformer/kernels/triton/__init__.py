@@ -1,30 +1,32 @@
-"""The lookup as fused Triton kernels for CUDA GPUs (spec §1), with the contract of ``memory_lookup_reference``.
+"""The lookup as Triton kernels for CUDA GPUs (spec §1), with the contract of ``memory_lookup_reference``.
 
-- Forward: one kernel fuses hash, score, gather and bias; a program owns BLOCK_N tokens × BLOCK_H output features,
-  loops over the K chunks and accumulates in fp32 (fp64 for fp64 input) whatever the tables' dtype.
-- Backward: one kernel per (token block, chunk) recomputes the hash from x (nothing but x and the tables is saved),
-  forms ∂L/∂w = ⟨g, T[r]⟩ and ∂L/∂x, and scatter-adds w·g into an fp32 (fp64) buffer with atomics, cast to the
-  tables' dtype at the end. The deterministic mode instead sorts the (token, chunk) pairs by row and lets one
-  program sum each row's segment in order (bit-identical across runs). ∂L/∂bias = Σ_n g_n is a torch reduction.
+Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
 
-Deterministic mode: ``deterministic=True``, or by default when ``MEMORYFORMER_DETERMINISTIC=1`` or
-``torch.are_deterministic_algorithms_enabled()``.
+- Forward: ``hash_kernel`` hashes each (token, chunk) once into chunk-major int32 rows and weights [K, N] (saved
+  for backward: 8 bytes per token and chunk); ``gather_kernel`` sums w·T[r] + bias over feature blocks in fp32
+  (fp64 for fp64 input) whatever the tables' dtype. At small N (decode) the token block shrinks to N and the
+  chunks are split across programs, the partial sums added in a fixed order afterwards.
+- Backward: ``grad_weights_kernel`` reads each grad_y tile once for all K chunks; ``grad_x_kernel`` applies ∂w/∂z;
+  ``table_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in order. No
+  atomics, no sort, no host sync (CUDA-graph friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
+- Gathers in bf16/fp16: tables stored in half precision are gathered as stored; fp32 tables are gathered from a
+  half copy when ``gather_dtype`` asks, which by default it does under CUDA autocast (the trainer's mixed
+  precision), the way autocast runs ``nn.Linear`` on a half copy of fp32 master weights. The copy is cached per
+  table version, so decode does not re-cast; ∂L/∂tables is always returned in the tables' own dtype.
 
 Verified without a GPU: the numerics, in Triton's interpreter on CPU (``TRITON_INTERPRET=1`` set before this module
-is imported), and that every kernel specialization compiles to a cubin for sm_80/sm_90 with no register spills
-(:mod:`memoryformer.kernels.triton.compile_check`). Not verified: running compiled (the interpreter does not model
-the GPU's memory model, atomics ordering, or fp64 ``atomic_add`` — it needs sm_60+), the speed of the tiles in
-:func:`launch_config` (sized by register counts, not timed; no autotuning), atomic contention on hot rows, and the
-speed of the deterministic path (a ``torch.sort`` plus a host sync for the number of distinct rows).
+is imported), and the compiled code for sm_80/sm_90 (:mod:`memoryformer.kernels.triton.compile_check` writes the
+kernel report). Not verified: running compiled, speed, and the tile sizes in the ``*_config`` functions (chosen
+from register counts and the roofline model, not timed; no autotuning). The first kernels stay available as the
+backend ``triton_legacy`` (:mod:`memoryformer.kernels.triton.legacy`) to measure against.
 """
 
 from __future__ import annotations
 
-import os
+import weakref
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from memoryformer.layers.hashing import Score, check_score
@@ -39,7 +41,11 @@ except ImportError:  # the package works without Triton; the backend then report
 
 MAX_TAU = 16  # τ is a compile-time constant and codes are int32; 2^16 rows per table is past any configuration
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DETERMINISTIC_ENV = "MEMORYFORMER_DETERMINISTIC"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Programs a forward launch should have to fill a GPU (132 SMs on an H100 × a few resident programs each); below
+# this, chunks are split across programs. A constant, not a device query, so a launch is the same on any GPU.
+FILL_PROGRAMS = 512
+VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered row segment
 
 
 def triton_available() -> bool:
@@ -47,28 +53,55 @@ def triton_available() -> bool:
     return kernels is not None and (kernels.INTERPRETED or torch.cuda.is_available())
 
 
-def deterministic_by_default() -> bool:
-    """``MEMORYFORMER_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)`` asks for exact repeats."""
-    value = os.environ.get(DETERMINISTIC_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{DETERMINISTIC_ENV} must be 0 or 1, got {value!r}")
-    return value == "1" or torch.are_deterministic_algorithms_enabled()
-
-
-class LaunchConfig(NamedTuple):
+class ForwardConfig(NamedTuple):
     block_n: int  # tokens per program
     block_h: int  # output features per program (contiguous in a table row: coalesced loads)
+    splits: int  # programs sharing one (token block, feature block), each summing a range of chunks
+    chunks_per_split: int
     num_warps: int
 
 
-def launch_config(out_features: int, backward: bool = False) -> LaunchConfig:
-    """Tiles of 8 values per thread, sized by register use on sm_80 (ptxas, no spills), not by timing.
+class BackwardConfig(NamedTuple):
+    block_n: int  # tokens per grad_weights program
+    block_h: int  # features per grad_weights program
+    block_t: int  # tokens per step of a table_grad program (≥ 16: a tl.dot operand)
+    table_block_h: int  # features per table_grad program (it owns a 2^τ × table_block_h fp32 slice)
+    num_warps: int
 
-    Forward 16 tokens × 64 features, 4 warps: 48 registers. Backward 8 × 128, 4 warps: ~96 registers (it holds
-    g, the gathered rows and the scatter addresses at once; 32 × 128 spilled).
-    """
-    block_n, block_h = (8, 128) if backward else (16, 64)
-    return LaunchConfig(block_n, min(block_h, max(16, triton.next_power_of_2(out_features))), num_warps=4)
+
+def _feature_block(out_features: int, widest: int) -> int:
+    """The widest power-of-two feature block ≤ ``widest`` that divides h (unmasked loads), if one ≥ 64 does."""
+    block = min(widest, max(16, triton.next_power_of_2(out_features)))
+    dividing = block
+    while out_features % dividing and dividing > 64:
+        dividing //= 2
+    return dividing if out_features % dividing == 0 else block
+
+
+def _warps(block_elements: int) -> int:
+    """Warps that give each thread VALUES_PER_THREAD values of a tile: 1 for a decode tile, 4 at most."""
+    return max(1, min(4, block_elements // (32 * VALUES_PER_THREAD)))
+
+
+def forward_config(num_tokens: int, out_features: int, num_chunks: int) -> ForwardConfig:
+    """Tiles of up to 32 tokens × 128 features, 4 warps (sm_80, ptxas: 64 registers with bf16 tables, 96 with fp32,
+    no spills; 256 features cost 128/168 registers for 6% fewer instructions per term); fewer tokens at small N,
+    and chunks split across programs until the grid fills the GPU."""
+    block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
+    block_h = _feature_block(out_features, 128)
+    tiles = triton.cdiv(max(num_tokens, 1), block_n) * triton.cdiv(out_features, block_h)
+    splits = max(1, min(num_chunks, FILL_PROGRAMS // tiles))
+    chunks_per_split = triton.cdiv(num_chunks, splits)
+    splits = triton.cdiv(num_chunks, chunks_per_split)  # no empty split
+    return ForwardConfig(block_n, block_h, splits, chunks_per_split, _warps(block_n * block_h))
+
+
+def backward_config(num_tokens: int, out_features: int) -> BackwardConfig:
+    """∂w tiles like the forward's; table-gradient steps of 16 tokens × 64 features (a 2^τ × 64 fp32 slice: 64 KB
+    at τ=8, 256 KB at τ=10; 16 features at τ=10 cost 1.6× the instructions per term, sm_80)."""
+    block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
+    block_h = _feature_block(out_features, 128)
+    return BackwardConfig(block_n, block_h, 16, _feature_block(out_features, 64), _warps(block_n * block_h))
 
 
 def check_lookup_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int) -> None:
@@ -102,116 +135,157 @@ def check_lookup_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tenso
         )
 
 
-def _constants(tau: int, score: Score, accumulator: torch.dtype, config: LaunchConfig) -> dict:
-    """Compile-time arguments shared by the hash in every kernel."""
-    return {
-        "TAU": tau,
-        "TAU_BLOCK": triton.next_power_of_2(tau),
-        "BLOCK_N": config.block_n,
-        "PAPER": score == "paper",
-        "ACC": kernels.ACCUMULATOR_TYPES[accumulator],
-    }
+def _index_type(*tensors: torch.Tensor):
+    """tl.int32 offsets when every tensor a kernel indexes has fewer than 2^31 elements, else tl.int64."""
+    return kernels.tl.int64 if max(t.numel() for t in tensors) >= 2**31 else kernels.tl.int32
 
 
-def _forward(
-    x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int, score: Score, temperature: torch.Tensor
-) -> torch.Tensor:
-    num_tokens, out_features = x.shape[0], tables.shape[1]
-    y = torch.empty(num_tokens, out_features, dtype=temperature.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    config = launch_config(out_features)
-    grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(out_features, config.block_h))
-    kernels.memory_lookup_forward_kernel[grid](
-        x, tables, bias, temperature, y,
-        num_tokens, out_features, x.shape[1] // tau,
-        x.stride(0), tables.stride(0), y.stride(0),
-        BLOCK_H=config.block_h, HAS_BIAS=bias is not None, num_warps=config.num_warps,
-        **_constants(tau, score, temperature.dtype, config),
+def _hash(x: torch.Tensor, tau: int, score: Score, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-major rows [K, N] (int32, k·2^τ + code) and weights [K, N] (fp32, fp64 for fp64 x) of every token."""
+    num_tokens, num_chunks = x.shape[0], x.shape[1] // tau
+    rows = torch.empty(num_chunks, num_tokens, dtype=torch.int32, device=x.device)
+    weights = torch.empty(num_chunks, num_tokens, dtype=temperature.dtype, device=x.device)
+    if rows.numel():
+        block_n = min(64, triton.next_power_of_2(num_tokens))
+        kernels.hash_kernel[(triton.cdiv(num_tokens, block_n), num_chunks)](
+            x, temperature, rows, weights, num_tokens, x.stride(0),
+            TAU=tau, TAU_BLOCK=triton.next_power_of_2(tau), BLOCK_N=block_n, PAPER=score == "paper",
+            ACC=kernels.ACCUMULATOR_TYPES[temperature.dtype], num_warps=_warps(block_n * tau),
+        )  # fmt: skip
+    return rows, weights
+
+
+def _gather(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [N, h] = Σ_k weights[k, n] · tables[rows[k, n]] + bias, accumulated in the weights' dtype."""
+    (num_chunks, num_tokens), out_features = rows.shape, tables.shape[1]
+    if num_tokens * out_features == 0 or num_chunks == 0:
+        y = torch.zeros(num_tokens, out_features, dtype=weights.dtype, device=rows.device)
+        return y + bias.to(y.dtype) if bias is not None else y
+    config = forward_config(num_tokens, out_features, num_chunks)
+    # Several splits write partial sums, added below in split order: deterministic, no atomics, no host sync.
+    out = weights.new_empty(config.splits, num_tokens, out_features)
+    fused_bias = bias if config.splits == 1 else None
+    grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(out_features, config.block_h), config.splits)
+    kernels.gather_kernel[grid](
+        rows, weights, tables, fused_bias, out,
+        num_tokens, out_features, num_chunks, config.chunks_per_split,
+        tables.stride(0), out.stride(1), out.stride(0),
+        BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=out_features % config.block_h == 0,
+        HAS_BIAS=fused_bias is not None, ACC=kernels.ACCUMULATOR_TYPES[weights.dtype],
+        INDEX=_index_type(rows, tables, out), num_warps=config.num_warps,
     )  # fmt: skip
-    return y
+    if config.splits == 1:
+        return out[0]
+    y = out.sum(0)
+    return y + bias.to(y.dtype) if bias is not None else y
 
 
 def _backward(
     x: torch.Tensor,
     tables: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
     grad_y: torch.Tensor,
     tau: int,
     score: Score,
     temperature: torch.Tensor,
     needs_grad_x: bool,
-    needs_grad_tables: bool,
-    deterministic: bool,
+    grad_tables_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """∂L/∂x and ∂L/∂tables (each None when not needed); see the module docstring for the two table modes."""
-    (num_tokens, width), out_features = x.shape, tables.shape[1]
-    num_chunks, accumulator = width // tau, temperature.dtype
-    grad_x = torch.zeros_like(x) if needs_grad_x else None
-    scatter = needs_grad_tables and not deterministic
-    table_buffer = torch.zeros(tables.shape, dtype=accumulator, device=x.device) if scatter else None
-    save_hash = needs_grad_tables and deterministic
-    rows = torch.empty(num_tokens, num_chunks, dtype=torch.int64, device=x.device) if save_hash else None
-    weights = torch.empty(num_tokens, num_chunks, dtype=accumulator, device=x.device) if save_hash else None
+    """∂L/∂x (when needed) and ∂L/∂tables in ``grad_tables_dtype`` (None: not needed); see the module docstring."""
+    (num_chunks, num_tokens), out_features = rows.shape, tables.shape[1]
+    accumulator = kernels.ACCUMULATOR_TYPES[weights.dtype]
+    config = backward_config(num_tokens, out_features)
+    empty = rows.numel() * out_features == 0
 
-    config = launch_config(out_features, backward=True)
-    if (needs_grad_x or needs_grad_tables) and num_tokens * num_chunks * out_features:
-        grid = (triton.cdiv(num_tokens, config.block_n), num_chunks)
-        kernels.memory_lookup_backward_kernel[grid](
-            x, tables, grad_y, temperature, grad_x, table_buffer, rows, weights,
-            num_tokens, out_features, num_chunks,
-            x.stride(0), tables.stride(0), grad_y.stride(0), width, out_features,
-            BLOCK_H=config.block_h, GRAD_X=needs_grad_x, SCATTER_TABLES=scatter, SAVE_HASH=save_hash,
-            num_warps=config.num_warps, **_constants(tau, score, accumulator, config),
-        )  # fmt: skip
+    grad_x = None
+    if needs_grad_x:
+        grad_x = torch.zeros_like(x)
+        if not empty:
+            num_h_blocks = triton.cdiv(out_features, config.block_h)
+            partial = weights.new_empty(num_h_blocks, num_chunks, num_tokens)
+            kernels.grad_weights_kernel[(triton.cdiv(num_tokens, config.block_n), num_h_blocks)](
+                rows, tables, grad_y, partial, num_tokens, out_features, num_chunks,
+                tables.stride(0), grad_y.stride(0),
+                BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=out_features % config.block_h == 0,
+                ACC=accumulator, INDEX=_index_type(rows, tables, grad_y, partial), num_warps=config.num_warps,
+            )  # fmt: skip
+            block_n = min(64, triton.next_power_of_2(num_tokens))
+            kernels.grad_x_kernel[(triton.cdiv(num_tokens, block_n), num_chunks)](
+                x, temperature, partial, grad_x, num_tokens, num_chunks, num_h_blocks, x.stride(0), grad_x.stride(0),
+                TAU=tau, TAU_BLOCK=triton.next_power_of_2(tau), BLOCK_N=block_n, PAPER=score == "paper",
+                ACC=accumulator, num_warps=_warps(block_n * tau),
+            )  # fmt: skip
 
-    if not needs_grad_tables:
+    if grad_tables_dtype is None:
         return grad_x, None
-    if scatter:
-        return grad_x, table_buffer.to(tables.dtype)
-    grad_tables = torch.zeros_like(tables)
-    if rows.numel() and out_features:
-        _segment_scatter(grad_y, rows, weights, grad_tables, config)
-    return grad_x, grad_tables
-
-
-def _segment_scatter(
-    grad_y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, grad_tables: torch.Tensor, config: LaunchConfig
-) -> None:
-    """Deterministic ∂L/∂tables: sort the (token, chunk) pairs by row (stable), then sum each row's run in order."""
-    num_chunks = rows.shape[1]
-    sorted_rows, order = torch.sort(rows.flatten(), stable=True)
-    segment_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    segment_starts = F.pad(counts.cumsum(0), (1, 0))
-    out_features = grad_tables.shape[1]
-    grid = (segment_rows.numel(), triton.cdiv(out_features, config.block_h))
-    kernels.segment_scatter_kernel[grid](
-        grad_y, order // num_chunks, weights.flatten()[order], segment_starts, segment_rows, grad_tables,
-        out_features, grad_y.stride(0), grad_tables.stride(0),
-        BLOCK_H=config.block_h, ACC=kernels.ACCUMULATOR_TYPES[weights.dtype], num_warps=config.num_warps,
-    )  # fmt: skip
+    grad_tables = torch.zeros(tables.shape, dtype=weights.dtype, device=x.device)
+    if not empty:
+        grid = (num_chunks, triton.cdiv(out_features, config.table_block_h))
+        kernels.table_grad_kernel[grid](
+            rows, weights, grad_y, grad_tables, num_tokens, out_features, grad_y.stride(0), grad_tables.stride(0),
+            BLOCK_T=config.block_t, BLOCK_H=config.table_block_h, ACC=accumulator,
+            INDEX=_index_type(rows, grad_y, grad_tables), BF16_DOT=not kernels.INTERPRETED,
+            # One stage: a software-pipelined prefetch of the slice rows would read them before the previous
+            # tile's stores land.
+            num_warps=_warps(config.block_t * config.table_block_h), num_stages=1,
+        )  # fmt: skip
+    return grad_x, grad_tables.to(grad_tables_dtype)
 
 
 class MemoryLookupFunction(torch.autograd.Function):
-    """Autograd wiring: save x and the tables, recompute the hash in backward (spec §1, Gradients)."""
+    """Autograd wiring: hash once in forward, save x, the gathered tables and the hash (8 bytes per token·chunk)."""
 
     @staticmethod
-    def forward(ctx, x, tables, bias, tau, score, temperature, deterministic):
-        ctx.save_for_backward(x, tables, temperature)
-        ctx.tau, ctx.score, ctx.deterministic = tau, score, deterministic
+    def forward(ctx, x, tables, bias, tau, score, temperature, gather_tables):
+        rows, weights = _hash(x, tau, score, temperature)
+        ctx.save_for_backward(x, gather_tables, rows, weights, temperature)
+        ctx.tau, ctx.score = tau, score
+        ctx.tables_dtype = tables.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _forward(x, tables, bias, tau, score, temperature)
+        return _gather(rows, weights, gather_tables, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, tables, temperature = ctx.saved_tensors
+        x, gather_tables, rows, weights, temperature = ctx.saved_tensors
         needs_grad_x, needs_grad_tables, needs_grad_bias = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous()  # e.g. y.sum() hands back an expanded, stride-0 gradient
         grad_x, grad_tables = _backward(
-            x, tables, grad_y, ctx.tau, ctx.score, temperature, needs_grad_x, needs_grad_tables, ctx.deterministic
-        )
+            x, gather_tables, rows, weights, grad_y, ctx.tau, ctx.score, temperature,
+            needs_grad_x, ctx.tables_dtype if needs_grad_tables else None,
+        )  # fmt: skip
         grad_bias = grad_y.sum(0).to(ctx.bias_dtype) if needs_grad_bias else None
         return grad_x, grad_tables, grad_bias, None, None, None, None
+
+
+# id(fp32 table) → (weak reference to it, its version counter when copied, the half copy). Keyed by id because
+# tensors compare elementwise; a finalizer drops the entry with the table.
+_HALF_COPIES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def autocast_gather_dtype(tables: torch.Tensor) -> torch.dtype | None:
+    """The half dtype CUDA autocast would run fp32 ``tables`` in, or None (autocast off, or tables not fp32)."""
+    device_type = tables.device.type
+    if device_type != "cuda" or tables.dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def gather_copy(tables: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tables`` as gathered: itself, or a ``dtype`` copy cached until the tables change (an optimizer step)."""
+    if dtype is None or dtype == tables.dtype:
+        return tables
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"gather_dtype must be one of {HALF_DTYPES} or None, got {dtype}")
+    cached = _HALF_COPIES.get(id(tables))
+    if cached is not None and cached[0]() is tables and cached[1] == tables._version and cached[2].dtype == dtype:
+        return cached[2]
+    copy = tables.detach().to(dtype)
+    if cached is None or cached[0]() is not tables:
+        weakref.finalize(tables, _HALF_COPIES.pop, id(tables), None)
+    _HALF_COPIES[id(tables)] = (weakref.ref(tables), tables._version, copy)
+    return copy
 
 
 def memory_lookup_triton(
@@ -221,26 +295,28 @@ def memory_lookup_triton(
     tau: int,
     score: Score = "l1",
     temperature: float = 1.0,
-    deterministic: bool | None = None,
+    gather_dtype: torch.dtype | str | None = "autocast",
 ) -> torch.Tensor:
-    """y [N, h] = Σ_k w_k · tables[r_k] + bias for x [N, K·τ], tables [K·2^τ, h] (spec §1), fused in Triton.
+    """y [N, h] = Σ_k w_k · tables[r_k] + bias for x [N, K·τ], tables [K·2^τ, h] (spec §1), in Triton.
 
     Same contract as :func:`memory_lookup_reference`: returns fp32 (fp64 for fp64 x) whatever the tables' dtype,
-    with gradients for x, tables and bias. ``deterministic`` (default: :func:`deterministic_by_default`) makes
-    ∂L/∂tables bit-identical across runs at the cost of a sort.
+    with gradients for x, tables and bias; every gradient is the same bits on every run. ``gather_dtype``: gather
+    fp32 tables from a bf16/fp16 copy (fp32 accumulation and fp32 ∂L/∂tables all the same); the default
+    ``"autocast"`` does so in CUDA autocast's dtype when autocast is on, ``None`` never does.
     """
     if kernels is None:
         raise RuntimeError("the triton backend needs the `triton` package; install it or use backend='cpu'")
     check_score(score, temperature)
     check_lookup_inputs(x, tables, bias, tau)
-    if deterministic is None:
-        deterministic = deterministic_by_default()
+    if gather_dtype == "autocast":
+        gather_dtype = autocast_gather_dtype(tables)
     accumulator = torch.float64 if x.dtype == torch.float64 else torch.float32
     # A tensor, not a Python float: Triton passes floats as fp32, which would round t in the fp64 path.
     temperature_tensor = torch.full((), temperature, dtype=accumulator, device=x.device)
     bias = None if bias is None else bias.contiguous()
+    tables = tables.contiguous()
     return MemoryLookupFunction.apply(
-        x.contiguous(), tables.contiguous(), bias, tau, score, temperature_tensor, deterministic
+        x.contiguous(), tables, bias, tau, score, temperature_tensor, gather_copy(tables, gather_dtype)
     )
 
 
