@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-all lint pretrain sample flops data eval tables sweep buckets bench
+.PHONY: help setup test test-all lint pretrain sample flops data eval tables sweep compare study buckets bench
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -45,11 +45,20 @@ eval: setup  ## zero-shot lm-eval, six tasks: make eval [CKPT=dir|hub-id] [REVIS
 tables: setup  ## merge eval results into one Table 1: make tables [RESULTS=results/eval/a,runs/x/eval]
 	$(PY) scripts/make_tables.py $(if $(RESULTS),results=[$(RESULTS)])
 
-SWEEP_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(STEPS),train.max_steps=$(STEPS)) $(ARGS)
+# SEEDS=n trains every swept value with seeds 1234 … 1233+n (1234 is the config's seed, so SEEDS=1 is the default).
+SWEEP_ARGS = $(if $(SEEDS),seed=$(shell seq -s, 1234 $$((1233 + $(SEEDS))))) $(if $(MODEL),model=$(MODEL)) $(if $(STEPS),train.max_steps=$(STEPS)) $(ARGS)
 # The aggregator runs even when a run failed (`;`): the table is always written, and its exit status is make's.
-sweep: setup  ## ablation sweep (Tables 3-6): make sweep SWEEP=tau_k|lr|expand_bits|gelu [MODEL=mf-tiny] [STEPS=8000] [ARGS=...]
+sweep: setup  ## ablation sweep (Tables 3-6): make sweep SWEEP=tau_k|lr|expand_bits|gelu [SEEDS=3] [MODEL=mf-tiny] [STEPS=8000] [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "SWEEP=tau_k|lr|expand_bits|gelu is required"; exit 2; }
 	$(PY) scripts/pretrain.py -m +sweep=$(SWEEP) $(SWEEP_ARGS); $(PY) scripts/aggregate_sweep.py +sweep=$(SWEEP) $(SWEEP_ARGS)
+
+comma := ,
+compare: setup  ## compare runs, seeds grouped: make compare RUNS='runs/a,runs/b-seed*' [OUT=runs/compare] [TITLE=...]
+	@test -n "$(RUNS)" || { echo "RUNS=<run dir or glob>,<run dir or glob>,... is required"; exit 2; }
+	$(PY) scripts/compare.py $(foreach run,$(subst $(comma), ,$(RUNS)),'$(run)') $(if $(OUT),--output-dir $(OUT)) $(if $(TITLE),--title '$(TITLE)')
+
+study: setup  ## the reproduction study, resumable: make study [PRESET=cpu|gpu] [ARGS="--max-runs 2"]
+	$(PY) scripts/study.py --preset $(or $(PRESET),cpu) $(ARGS)
 
 buckets: setup  ## bucket usage of one block (Figure 4): make buckets [CKPT=runs/<run>] [LAYER=0] [ARGS="--text f --max-tokens n"]
 	$(PY) scripts/bucket_usage.py $(CKPT) $(if $(LAYER),--layer $(LAYER)) $(ARGS)
