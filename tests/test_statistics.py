@@ -198,6 +198,12 @@ def test_compare_groups_seeds_from_globs_and_lists_unfinished(tmp_path):
         compare_runs([str(runs / "nothing-*")], tmp_path / "out")
 
 
+def test_a_diverged_run_is_a_failed_seed(tmp_path):
+    run_dir = fake_run(tmp_path, [f"train.output_dir={tmp_path}", "train.run_name=x-seed1"], 1, (6.0, math.nan))
+    run = read_run(run_dir)
+    assert run.status == "failed" and run.error == "diverged: final val_loss nan"
+
+
 def test_runs_failed_before_their_config_join_their_configuration(tmp_path):
     sweep_dir = expand_bits_sweep(tmp_path)
     (sweep_dir / "e2-seed1236" / "config.yaml").unlink()  # failed before the trainer wrote its config

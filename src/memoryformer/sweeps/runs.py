@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -62,7 +63,7 @@ def seed_run_name(configuration: str, seed: int) -> str:
 
 def trained_configuration(config: Mapping[str, Any]) -> dict[str, Any]:
     """A resolved run config without :data:`BOOKKEEPING_KEYS`: what the seeds of one configuration share."""
-    trimmed = OmegaConf.create(json.loads(json.dumps(config, default=str)))
+    trimmed = OmegaConf.create(dict(config))  # a copy: the deletions below leave ``config`` alone
     for key in BOOKKEEPING_KEYS:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(trimmed, parent) if parent else trimmed
@@ -168,6 +169,8 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         run.status, run.error = "failed", run.failure["error"]
     elif run.config is not None and _finished(run_dir, run.config, run.final):
         run.status = "done"
+        if not math.isfinite(run.final["val_loss"]):  # a diverged run finished, but it has no number to average
+            run.status, run.error = "failed", f"diverged: final val_loss {run.final['val_loss']}"
     return run
 
 
@@ -281,7 +284,8 @@ def group_seeds(runs: Sequence[Run]) -> list[Configuration]:
         label, parent = configuration_name(run.name), run.run_dir.parent
         match = [g for g in groups.values() if g.label == label and g.runs[0].run_dir.parent == parent]
         (match[0] if match else groups.setdefault(f"{parent}/{label}", Configuration(label, []))).runs.append(run)
-    ordered = sorted(groups.values(), key=lambda group: min(runs.index(run) for run in group.runs))
+    position = {id(run): i for i, run in enumerate(runs)}
+    ordered = sorted(groups.values(), key=lambda group: min(position[id(run)] for run in group.runs))
     labels = [group.label for group in ordered]
     for group in ordered:
         if labels.count(group.label) > 1:
