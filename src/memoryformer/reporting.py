@@ -118,11 +118,15 @@ class Curve:
 
 
 def plot_learning_curves(
-    panels: Sequence[tuple[str, Sequence[Curve]]], path: str | os.PathLike, ylabel: str = "validation loss"
+    panels: Sequence[tuple[str, Sequence[Curve]]],
+    path: str | os.PathLike,
+    ylabel: str = "validation loss",
+    band: str = "95% t-interval of the mean",
 ) -> Path:
     """One row per (title, curves) panel: the metric against tokens (left) and training FLOPs (right).
 
-    Each curve is its seeds' mean with a shaded band between ``low`` and ``high`` (the caller's interval).
+    Each curve is its seeds' mean with a shaded band between ``low`` and ``high`` (the caller's interval, which
+    ``band`` names in the figure's caption).
     """
     fig = _new_figure(11, 3.6 * len(panels))
     axes = fig.subplots(len(panels), 2, squeeze=False)
@@ -144,13 +148,15 @@ def plot_learning_curves(
             ax.grid(True, alpha=0.3)
         by_flops.set_xscale("log")
         by_tokens.legend(fontsize="small")
+    fig.suptitle(f"line: mean over finished seeds; band: {band}", fontsize="small", color="0.3")
     return save_figure(fig, path)
 
 
 def plot_sweep_values(
     labels: Sequence[str],
     means: Sequence[float | None],
-    errors: Sequence[float | None],
+    lows: Sequence[float | None],
+    highs: Sequence[float | None],
     path: str | os.PathLike,
     *,
     xlabel: str,
@@ -160,8 +166,9 @@ def plot_sweep_values(
     reference: Sequence[float | None] = (),
     reference_label: str = "paper",
 ) -> Path:
-    """``means`` with ± ``errors`` bars against categorical ``labels``; a note (e.g. "failed") where a value is
-    missing or partial; an optional ``reference`` series (the paper's numbers) on a right-hand axis."""
+    """``means`` with error bars from ``lows`` to ``highs`` (an interval, may be asymmetric; None: no bar) against
+    categorical ``labels``; a note (e.g. "2 done") where a value is missing or partial; an optional ``reference``
+    series (the paper's numbers) on a right-hand axis."""
     fig = _new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     positions = list(range(len(labels)))
@@ -170,7 +177,10 @@ def plot_sweep_values(
         ax.errorbar(
             shown,
             [means[i] for i in shown],
-            yerr=[errors[i] or 0.0 for i in shown],
+            yerr=[
+                [means[i] - lows[i] if lows[i] is not None else 0.0 for i in shown],
+                [highs[i] - means[i] if highs[i] is not None else 0.0 for i in shown],
+            ],
             fmt="o-",
             color="tab:blue",
             capsize=4,

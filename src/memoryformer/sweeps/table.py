@@ -243,13 +243,6 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], paper: PaperAblation, path: st
     labels = [_value_label(row["value"]) for row in rows]
     if paper.memory_of == "q":
         labels = [label + (f"\nK={row['K']}" if row["K"] else "") for label, row in zip(labels, rows, strict=True)]
-    # The bar is the loss interval mapped through exp: asymmetric in PPL, so show its larger side.
-    errors = [
-        None
-        if row["val_ppl_ci_high"] is None
-        else max(row["val_ppl_ci_high"] - row["val_ppl"], row["val_ppl"] - row["val_ppl_ci_low"])
-        for row in rows
-    ]
     notes = [
         None if not row["unfinished"] else f"{row['seeds_done']} done" if row["seeds_done"] else "none done"
         for row in rows
@@ -257,7 +250,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], paper: PaperAblation, path: st
     return plot_sweep_values(
         labels,
         [row["val_ppl"] for row in rows],
-        errors,
+        [row["val_ppl_ci_low"] for row in rows],  # exp of the loss interval: asymmetric in PPL
+        [row["val_ppl_ci_high"] for row in rows],
         path,
         xlabel=paper.label,
         ylabel="validation PPL",
@@ -293,7 +287,7 @@ def aggregate_sweep(
     rows = sweep_rows(configurations, paper)
     out = Path(output_dir if output_dir is not None else sweep_dir)
     stem = f"table{paper.table}_{sweep}"
-    curves_title = f"Table {paper.table}: validation loss by {paper.label} (mean over seeds, 95% band)"
+    curves_title = f"Table {paper.table}: validation loss by {paper.label}"
     paths = {
         "markdown": write_text_atomic(out / f"{stem}.md", sweep_markdown(rows, paper, runs)),
         "csv": write_csv_atomic(out / f"{stem}.csv", rows, SWEEP_COLUMNS),
