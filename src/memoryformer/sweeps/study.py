@@ -102,6 +102,7 @@ def plan_study(study: DictConfig, extra_overrides: Sequence[str] = ()) -> list[P
                 f"train.run_name={run_name}",
                 f"train.wandb.group=study-{study.name}-{name}",  # one W&B group per configuration, seeds as runs
                 "train.resume=auto",
+                f"hydra.run.dir={output_dir / run_name}",  # Hydra's .hydra/ and pretrain.log beside the run
             )
             runs.append(PlannedRun(name, seed, overrides, output_dir / run_name))
     return runs
@@ -154,7 +155,7 @@ def git_commit() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the wall times were measured on: host, CPU model and cores, GPUs, load, Python and torch."""
+    """What the wall times were measured on: host, CPU model and cores, GPUs, Python and torch."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -168,7 +169,6 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "gpus": gpus,
-        "load_average": [round(x, 2) for x in os.getloadavg()],  # other jobs on the machine slow every run
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -226,6 +226,7 @@ def run_study(
             "resumed": states[planned.name] != "new",
             "commit": commit,
             "machine": host,
+            "load_average": [round(x, 2) for x in os.getloadavg()],  # other jobs on the machine slow a run down
             "study_command": command,
             "command": shlex.join([*launcher, str(PRETRAIN_SCRIPT.relative_to(PROJECT_ROOT)), *planned.overrides]),
         }
@@ -238,7 +239,11 @@ def run_study(
         status = "done" if returncode == 0 and read_run(planned.run_dir).status == "done" else "failed"
         _append_ledger(ledger, record | {"seconds": time.perf_counter() - tick, "status": status, "exit": returncode})
         if status == "failed":
-            error = f"scripts/pretrain.py exited with status {returncode} (its output went to the study's console)"
+            error = (
+                f"scripts/pretrain.py exited with status {returncode}"
+                if returncode
+                else f"scripts/pretrain.py exited normally but left the run {read_run(planned.run_dir).status}"
+            ) + f" (log: {planned.run_dir / 'pretrain.log'})"
             write_text_atomic(planned.run_dir / FAILED_FILE, json.dumps({"error": error, "seed": planned.seed}) + "\n")
         outcome["trained" if status == "done" else "failed"].append(planned.name)
     return outcome
@@ -283,7 +288,7 @@ def write_study_report(
         seconds_by_run[record["run"]] = seconds_by_run.get(record["run"], 0.0) + record["seconds"]
     commits = sorted({record["commit"] for record in ledger}) or [git_commit()]
     machines = sorted({_describe(record["machine"]) for record in ledger})
-    loads = [record["machine"]["load_average"][0] for record in ledger]
+    loads = [record["load_average"][0] for record in ledger]
 
     sections, csv_rows, panels = [], [], []
     for key, comparison in study.comparisons.items():
