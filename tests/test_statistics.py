@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 
 from memoryformer.config import compose_config
 from memoryformer.statistics import estimate, t_quantile, welch_test
-from memoryformer.sweeps import FAILED_FILE, register_sweep_resolvers
+from memoryformer.sweeps import FAILED_FILE, configuration_name, register_sweep_resolvers
 from memoryformer.sweeps.compare import compare_runs
-from memoryformer.sweeps.runs import configuration_name, group_seeds, read_run, trained_configuration
+from memoryformer.sweeps.runs import group_seeds, read_run, trained_configuration
 from memoryformer.sweeps.table import aggregate_sweep
 
 register_sweep_resolvers()

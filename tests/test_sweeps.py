@@ -19,6 +19,7 @@ from memoryformer.sweeps import (
     FAILED_FILE,
     fitted_heads,
     fitted_width,
+    name_seeded_run,
     pretrain_job,
     register_sweep_resolvers,
     swept_values,
@@ -112,6 +113,15 @@ def test_fitted_width_and_heads():
     assert fitted_heads("mf-nano", 120) == 3  # 4 heads of 30 dims would rotate 7 (odd); 3 and 5 tie, fewer wins
     with pytest.raises(ValueError, match="exceeds the width"):
         fitted_width("mf-nano", 200)
+
+
+def test_a_multirun_names_each_run_with_its_seed_and_groups_its_seeds():
+    plain = compose_config(["seed=7"])  # `pretrain.py -m seed=7,8`: the default name would be shared by every seed
+    name_seeded_run(plain)
+    assert (plain.train.run_name, plain.train.wandb.group) == ("mf-nano-sample-seed7", "mf-nano-sample")
+    swept = compose_config(["+sweep=lr", "seed=7", "train.lr=1e-3"])  # sweeps already name runs with the seed
+    name_seeded_run(swept)
+    assert swept.train.run_name == "lr0.001-seed7" and swept.train.wandb.group.endswith("-lr0.001")
 
 
 def test_swept_values_reads_the_seeds_of_a_command_line_sweep():

@@ -12,15 +12,26 @@ Only the first two are imported here: they are what ``scripts/pretrain.py`` need
 plotting and scipy, and are imported from their modules.
 """
 
-from memoryformer.sweeps.job import FAILED_FILE, pretrain_job, swept_values, without_sweeps
+from memoryformer.sweeps.job import (
+    FAILED_FILE,
+    configuration_name,
+    name_seeded_run,
+    pretrain_job,
+    seed_run_name,
+    swept_values,
+    without_sweeps,
+)
 from memoryformer.sweeps.resolvers import fitted_heads, fitted_width, register_sweep_resolvers
 
 __all__ = [
     "FAILED_FILE",
+    "configuration_name",
     "fitted_heads",
     "fitted_width",
+    "name_seeded_run",
     "pretrain_job",
     "register_sweep_resolvers",
+    "seed_run_name",
     "swept_values",
     "without_sweeps",
 ]

@@ -1,9 +1,12 @@
-"""The Hydra task of a sweep: in a multirun a failed run is recorded in its run directory and the sweep goes on."""
+"""The Hydra task of a sweep: in a multirun each run directory carries its seed, and a failed run is recorded in
+its run directory while the sweep goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,6 +20,27 @@ from memoryformer.reporting import write_text_atomic
 log = logging.getLogger(__name__)
 
 FAILED_FILE = "FAILED"  # JSON: error, traceback, Hydra overrides and the swept value of a run that raised
+SEED_SUFFIX = re.compile(r"-seed(-?\d+)$")
+
+
+def configuration_name(run_name: str) -> str:
+    """A run name without its ``-seed<N>`` suffix: ``e2-seed1234`` → ``e2``."""
+    return SEED_SUFFIX.sub("", run_name)
+
+
+def seed_run_name(configuration: str, seed: int) -> str:
+    """The run name of one seed of a configuration: ``e2``, 1234 → ``e2-seed1234``."""
+    return f"{configuration}-seed{seed}"
+
+
+def name_seeded_run(cfg: DictConfig) -> None:
+    """Give a multirun's run its seed (issue 13): ``train.run_name`` gets ``-seed<seed>`` unless it ends so already
+    (as the sweeps' names do), and a run with no W&B group joins the group of its configuration's seeds. So
+    ``pretrain.py -m seed=1,2,3`` writes three run directories, not one, and W&B draws them as one band."""
+    if not SEED_SUFFIX.search(cfg.train.run_name):
+        cfg.train.run_name = seed_run_name(cfg.train.run_name, cfg.seed)
+    if cfg.train.wandb.group is None:
+        cfg.train.wandb.group = configuration_name(cfg.train.run_name)
 
 
 def _in_multirun() -> bool:
@@ -71,9 +95,10 @@ def swept_values(overrides: Sequence[str], key: str) -> list[Any] | None:
 def pretrain_job(cfg: DictConfig) -> Path | None:
     """Train one run of a Hydra job; the run directory, or ``None`` for a failed run in a multirun.
 
-    In a multirun (``-m``), an exception fails only its own run: it is logged, written to ``<run>/FAILED``
-    (JSON: error, traceback, overrides, swept value, seed) and the sweep continues with the next run. A run that
-    succeeds removes a ``FAILED`` left by an earlier attempt. Outside a multirun the exception propagates.
+    In a multirun (``-m``), the run is named with its seed (:func:`name_seeded_run`) and an exception fails only
+    its own run: it is logged, written to ``<run>/FAILED`` (JSON: error, traceback, overrides, swept value, seed)
+    and the sweep continues with the next run. A run that succeeds removes a ``FAILED`` left by an earlier attempt.
+    Outside a multirun the run keeps its name and the exception propagates.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -81,6 +106,8 @@ def pretrain_job(cfg: DictConfig) -> Path | None:
 
     if not _in_multirun():
         return pretrain(cfg)
+    with contextlib.suppress(Exception):  # an unresolvable name fails in pretrain, recorded in Hydra's job dir
+        name_seeded_run(cfg)
     run_dir = _failure_dir(cfg)
     try:
         result = pretrain(cfg)

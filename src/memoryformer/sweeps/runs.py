@@ -13,7 +13,6 @@ import glob
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,9 +25,7 @@ from memoryformer.flops import model_flops_per_token
 from memoryformer.models import model_config_from_config, parameter_count
 from memoryformer.models.registry import split_model_config
 from memoryformer.statistics import Estimate, estimate
-from memoryformer.sweeps.job import FAILED_FILE
-
-SEED_SUFFIX = re.compile(r"-seed(-?\d+)$")
+from memoryformer.sweeps.job import FAILED_FILE, configuration_name
 
 # Config keys that say where and how a run is recorded, not what it trains: two runs that differ only in these
 # (and in `seed`) are seeds of one configuration.
@@ -49,16 +46,6 @@ BOOKKEEPING_KEYS = (
     "data.prepared_dir",
     "data.num_workers",
 )
-
-
-def configuration_name(run_name: str) -> str:
-    """A run name without its ``-seed<N>`` suffix: ``e2-seed1234`` → ``e2``."""
-    return SEED_SUFFIX.sub("", run_name)
-
-
-def seed_run_name(configuration: str, seed: int) -> str:
-    """The run name of one seed of a configuration: ``e2``, 1234 → ``e2-seed1234``."""
-    return f"{configuration}-seed{seed}"
 
 
 def trained_configuration(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,8 +33,8 @@ from memoryformer.config import CONF_DIR, compose_config, register_resolvers
 from memoryformer.paths import PROJECT_ROOT
 from memoryformer.reporting import markdown_table, plot_learning_curves, write_csv_atomic, write_text_atomic
 from memoryformer.sweeps.compare import LEGEND, STAT_COLUMNS, comparison_markdown, learning_curves, statistics_rows
-from memoryformer.sweeps.job import FAILED_FILE
-from memoryformer.sweeps.runs import Configuration, read_run, seed_run_name, trained_configuration
+from memoryformer.sweeps.job import FAILED_FILE, seed_run_name
+from memoryformer.sweeps.runs import Configuration, read_run, trained_configuration
 
 LEDGER_FILE = "ledger.jsonl"
 PRETRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "pretrain.py"
