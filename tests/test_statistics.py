@@ -198,6 +198,27 @@ def test_compare_groups_seeds_from_globs_and_lists_unfinished(tmp_path):
         compare_runs([str(runs / "nothing-*")], tmp_path / "out")
 
 
+def test_zero_shot_accuracy_gets_intervals_and_the_mark_where_scored(tmp_path):
+    runs = tmp_path / "runs"
+    accuracies = {"none": (0.40, 0.41, 0.42), "gelu": (0.30, 0.31, 0.32)}
+    for activation, values in accuracies.items():
+        for seed, acc in zip((1, 2, 3), values, strict=True):
+            overrides = [f"train.output_dir={runs}", f"train.run_name={activation}-seed{seed}"]
+            if activation == "gelu":
+                overrides.append("model.memory_block_activation=gelu")
+            run_dir = fake_run(runs, overrides, seed, (6.0, 5.0 + seed / 100))
+            results = {"model_info": {"limit": 100}, "results": {}, "summary": {"avg/acc": acc}}
+            (run_dir / "eval").mkdir()
+            (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+    result = compare_runs([str(runs / "none-*"), str(runs / "gelu-*")], tmp_path / "out")
+    none, gelu = result["rows"]
+    assert none["avg_acc_mean"] == pytest.approx(0.41) and none["avg_acc_std"] == pytest.approx(0.01)
+    assert gelu["avg_acc_delta_vs_prev"] == pytest.approx(-0.10) and gelu["avg_acc_beyond_noise_vs_prev"] is True
+    assert gelu["delta_vs_prev"] == pytest.approx(0.0) and gelu["beyond_noise_vs_prev"] is False  # same losses
+    assert gelu["eval_limit"] == 100
+    assert "| 0.410 ± 0.010 |" in result["paths"]["markdown"].read_text()
+
+
 def test_a_diverged_run_is_a_failed_seed(tmp_path):
     run_dir = fake_run(tmp_path, [f"train.output_dir={tmp_path}", "train.run_name=x-seed1"], 1, (6.0, math.nan))
     run = read_run(run_dir)

@@ -45,6 +45,9 @@ STAT_COLUMNS = [
     "avg_acc_std",
     "avg_acc_ci_low",
     "avg_acc_ci_high",
+    "avg_acc_delta_vs_prev",
+    "avg_acc_p_vs_prev",
+    "avg_acc_beyond_noise_vs_prev",
     "eval_limit",
 ]
 
@@ -65,6 +68,17 @@ def _interval_columns(prefix: str, est: Estimate | None) -> dict[str, Any]:
         f"{prefix}_std": est.std if est is not None else None,
         f"{prefix}_ci_low": interval[0] if interval else None,
         f"{prefix}_ci_high": interval[1] if interval else None,
+    }
+
+
+def _difference_columns(prefix: str, previous: Estimate | None, est: Estimate | None) -> dict[str, Any]:
+    """Δ = mean − previous mean, Welch's p-value and the beyond-noise mark (None where either side is missing)."""
+    both = previous is not None and est is not None
+    difference = welch_test(previous, est) if both else None
+    return {
+        f"{prefix}delta_vs_prev": est.mean - previous.mean if both else None,
+        f"{prefix}p_vs_prev": difference.p_value if difference else None,
+        f"{prefix}beyond_noise_vs_prev": difference.beyond_noise if difference else None,
     }
 
 
@@ -96,14 +110,9 @@ def statistics_row(configuration: Configuration, previous: Configuration | None 
         "val_ppl_ci_low": _ppl(interval[0]) if interval else None,
         "val_ppl_ci_high": _ppl(interval[1]) if interval else None,
     }
-    previous_loss = previous.final("val_loss") if previous is not None else None
-    difference = welch_test(previous_loss, loss) if previous_loss is not None and loss is not None else None
-    row |= {
-        "delta_vs_prev": loss.mean - previous_loss.mean if loss is not None and previous_loss is not None else None,
-        "p_vs_prev": difference.p_value if difference else None,
-        "beyond_noise_vs_prev": difference.beyond_noise if difference else None,
-    }
+    row |= _difference_columns("", previous.final("val_loss") if previous is not None else None, loss)
     row |= _interval_columns("avg_acc", acc)
+    row |= _difference_columns("avg_acc_", previous.final_acc() if previous is not None else None, acc)
     limits = {run.avg_acc[1] for run in configuration.done if run.avg_acc[0] is not None}
     row["eval_limit"] = limits.pop() if len(limits) == 1 else None
     return row
@@ -127,28 +136,39 @@ def _bracket(low: float | None, high: float | None, spec: str) -> str | None:
     return None if low is None else f"[{low:{spec}}, {high:{spec}}]"
 
 
+def _difference_cells(delta: float | None, p_value: float | None, beyond: bool | None) -> tuple[str | None, ...]:
+    if delta is None:
+        return None, None
+    text = f"{delta:+.3f}" + (f" (p = {p_value:.2g})" if p_value is not None else "")
+    return text, "n/a" if beyond is None else "**yes**" if beyond else "no"
+
+
 def statistics_cells(row: Mapping[str, Any]) -> dict[str, Any]:
     """The human-readable cells of a :func:`statistics_row` (what the markdown tables show)."""
-    beyond = row["beyond_noise_vs_prev"]
-    delta = row["delta_vs_prev"]
+    ppl = row["val_ppl"]
+    if ppl is not None and row["val_ppl_ci_low"] is not None:
+        ppl = f"{ppl:.1f} [{row['val_ppl_ci_low']:.1f}, {row['val_ppl_ci_high']:.1f}]"
+    elif ppl is not None:
+        ppl = f"{ppl:.1f}"
+    delta, beyond = _difference_cells(row["delta_vs_prev"], row["p_vs_prev"], row["beyond_noise_vs_prev"])
     cells = {
         "seeds": f"{row['seeds_done']}" + (" ⚠" if row["unfinished"] else ""),
         "val loss (mean ± std)": _plus_minus(row["val_loss_mean"], row["val_loss_std"], ".3f"),
         "95% CI": _bracket(row["val_loss_ci_low"], row["val_loss_ci_high"], ".3f"),
-        "val PPL [95% CI]": None
-        if row["val_ppl"] is None
-        else f"{row['val_ppl']:.1f}"
-        + (
-            f" [{row['val_ppl_ci_low']:.1f}, {row['val_ppl_ci_high']:.1f}]" if row["val_ppl_ci_low"] is not None else ""
-        ),
-        "Δ loss vs previous (p)": None
-        if delta is None
-        else f"{delta:+.3f}" + (f" (p = {row['p_vs_prev']:.2g})" if row["p_vs_prev"] is not None else ""),
-        "beyond noise": None if delta is None else ("n/a" if beyond is None else "**yes**" if beyond else "no"),
+        "val PPL [95% CI]": ppl,
+        "Δ loss vs previous (p)": delta,
+        "beyond noise": beyond,
     }
     if row["avg_acc_mean"] is not None:
-        cells["avg acc (mean ± std)"] = _plus_minus(row["avg_acc_mean"], row["avg_acc_std"], ".3f")
-        cells["avg acc 95% CI"] = _bracket(row["avg_acc_ci_low"], row["avg_acc_ci_high"], ".3f")
+        delta, beyond = _difference_cells(
+            row["avg_acc_delta_vs_prev"], row["avg_acc_p_vs_prev"], row["avg_acc_beyond_noise_vs_prev"]
+        )
+        cells |= {
+            "avg acc (mean ± std)": _plus_minus(row["avg_acc_mean"], row["avg_acc_std"], ".3f"),
+            "avg acc 95% CI": _bracket(row["avg_acc_ci_low"], row["avg_acc_ci_high"], ".3f"),
+            "Δ acc vs previous (p)": delta,
+            "acc beyond noise": beyond,
+        }
     return cells
 
 
