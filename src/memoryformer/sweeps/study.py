@@ -289,6 +289,7 @@ def write_study_report(
     commits = sorted({record["commit"] for record in ledger}) or [git_commit()]
     machines = sorted({_describe(record["machine"]) for record in ledger})
     loads = [record["load_average"][0] for record in ledger]
+    other_commands = sorted({record["study_command"] for record in ledger} - {command, ""})
 
     sections, csv_rows, panels = [], [], []
     for key, comparison in study.comparisons.items():
@@ -319,8 +320,9 @@ def write_study_report(
     finished = sum(row["status"] == "done" for row in run_rows)
     header = [
         f"# {study.title}\n",
-        study.description.strip() + "\n" if study.get("description") else "",
-        f"- **Command**: `{command}` (resumable: the same command continues with the next unfinished run)",
+        *([study.description.strip() + "\n"] if study.get("description") else []),
+        f"- **Command**: `{command}` (resumable: the same command continues with the next unfinished run)"
+        + "".join(f"; runs also trained by `{other}`" for other in other_commands),
         f"- **Runs**: {finished} of {expected} finished ({len(study.configurations)} configurations × seeds "
         f"{', '.join(map(str, study.seeds))}; the seed sets both the model init and the data order)",
         f"- **Commit(s)**: {', '.join(commits)}",
@@ -328,7 +330,8 @@ def write_study_report(
         "- **Load average** when runs started (1 min): "
         + (f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—")
         + " (other jobs on the machine slow every run down)",
-        f"- **Wall time**: {_wall_time(ledger)}",
+        f"- **Wall time**: {_wall_time(ledger)}; report written "
+        + datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "- **Recipe** (every run): `"
         + " ".join(study.recipe)
         + (" " + " ".join(extra_overrides) if extra_overrides else "")
