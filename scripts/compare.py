@@ -12,12 +12,7 @@ the report, never averaged in).
 import argparse
 import sys
 
-from memoryformer.config import register_resolvers
-from memoryformer.sweeps import register_sweep_resolvers
 from memoryformer.sweeps.compare import compare_runs
-
-register_resolvers()
-register_sweep_resolvers()
 
 
 def main() -> int:
