@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYTHONPATH :=
 
-.PHONY: help setup test test-slow test-all lint pretrain sample flops data download eval eval-tasks tables sweep buckets bench bench-gpu
+.PHONY: help setup test test-slow test-all lint pretrain sample flops data download eval eval-tasks tables sweep compare study buckets bench bench-gpu
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
@@ -59,11 +59,20 @@ eval-tasks: setup  ## YAMLs of the six tasks on the local eval files, for lm_eva
 tables: setup  ## merge eval results into one Table 1 (default: runs/*/eval, runs/eval/*): make tables [RESULTS=a,b]
 	$(PY) scripts/make_tables.py $(if $(RESULTS),results=[$(RESULTS)])
 
-SWEEP_ARGS = $(if $(MODEL),model=$(MODEL)) $(if $(STEPS),train.max_steps=$(STEPS)) $(ARGS)
+# SEEDS=n trains every swept value with seeds 1234 … 1233+n (1234 is the config's seed, so SEEDS=1 is the default).
+SWEEP_ARGS = $(if $(SEEDS),seed=$(shell seq -s, 1234 $$((1233 + $(SEEDS))))) $(if $(MODEL),model=$(MODEL)) $(if $(STEPS),train.max_steps=$(STEPS)) $(ARGS)
 # The aggregator runs even when a run failed (`;`): the table is always written, and its exit status is make's.
-sweep: setup  ## ablation sweep (Tables 3-6): make sweep SWEEP=tau_k|lr|expand_bits|gelu [MODEL=mf-tiny] [STEPS=8000] [ARGS=...]
+sweep: setup  ## ablation sweep (Tables 3-6): make sweep SWEEP=tau_k|lr|expand_bits|gelu [SEEDS=3] [MODEL=mf-tiny] [STEPS=8000] [ARGS=...]
 	@test -n "$(SWEEP)" || { echo "SWEEP=tau_k|lr|expand_bits|gelu is required"; exit 2; }
 	$(PY) scripts/pretrain.py -m +sweep=$(SWEEP) $(SWEEP_ARGS); $(PY) scripts/aggregate_sweep.py +sweep=$(SWEEP) $(SWEEP_ARGS)
+
+comma := ,
+compare: setup  ## compare runs, seeds grouped: make compare RUNS='runs/a,runs/b-seed*' [OUT=runs/compare] [TITLE=...]
+	@test -n "$(RUNS)" || { echo "RUNS=<run dir or glob>,<run dir or glob>,... is required"; exit 2; }
+	$(PY) scripts/compare.py $(foreach run,$(subst $(comma), ,$(RUNS)),'$(run)') $(if $(OUT),--output-dir $(OUT)) $(if $(TITLE),--title '$(TITLE)')
+
+study: setup  ## the reproduction study, resumable: make study [PRESET=cpu|gpu] [ARGS="--max-runs 2"]
+	$(PY) scripts/study.py --preset $(or $(PRESET),cpu) $(ARGS)
 
 buckets: setup  ## bucket usage of one block (Figure 4): make buckets [CKPT=runs/<run>] [LAYER=0] [ARGS="--text f --max-tokens n"]
 	$(PY) scripts/bucket_usage.py $(CKPT) $(if $(LAYER),--layer $(LAYER)) $(ARGS)

@@ -1,17 +1,20 @@
-"""Tabulate an ablation sweep (spec §6, Tables 3–6) from its run directories: markdown, CSV and a PPL plot.
+"""Tabulate an ablation sweep (spec §6, Tables 3–6) from its run directories: markdown, CSV, plots.
 
-python scripts/aggregate_sweep.py +sweep=tau_k [model=mf-tiny] [train.max_steps=8000]   # the sweep's overrides
-python scripts/aggregate_sweep.py --sweep-dir runs/sweeps/tau_k/mf-nano-200steps         # or the directory
+python scripts/aggregate_sweep.py +sweep=tau_k [seed=1234,1235,1236] [model=mf-tiny]   # the sweep's overrides
+python scripts/aggregate_sweep.py --sweep-dir runs/sweeps/tau_k/mf-nano-200steps        # or the directory
 
 The sweep directory is the one `python scripts/pretrain.py -m +sweep=...` with the same overrides trained into.
-Exits with status 1 when a run failed or is incomplete (the table, which flags it, is written anyway).
+Per swept value: final validation over the finished seeds (mean ± std, 95% interval), Welch's test against the
+previous value, and the paper's number. Exits with status 1 when a seed failed, is incomplete or never started
+(the table, which lists it, is written anyway).
 """
 
 import argparse
 import sys
 
 from memoryformer.config import compose_config
-from memoryformer.sweeps import aggregate_sweep, register_sweep_resolvers, without_sweeps
+from memoryformer.sweeps import register_sweep_resolvers, swept_values, without_sweeps
+from memoryformer.sweeps.table import aggregate_sweep
 
 
 def main() -> int:
@@ -22,20 +25,21 @@ def main() -> int:
     args = parser.parse_args()
     if bool(args.sweep_dir) == bool(args.overrides):
         parser.error("give either the sweep's overrides (e.g. +sweep=tau_k) or --sweep-dir, not both or neither")
-    sweep, sweep_dir = None, args.sweep_dir
+    sweep, sweep_dir, seeds = None, args.sweep_dir, None
     if args.overrides:
         register_sweep_resolvers()
         cfg = compose_config(without_sweeps(args.overrides))  # the sweep's directory does not depend on them
         if "sweep" not in cfg:
             parser.error("the overrides select no sweep: add +sweep=<tau_k|lr|expand_bits|gelu>")
         sweep, sweep_dir = cfg.sweep.name, cfg.train.output_dir
-    result = aggregate_sweep(sweep_dir, args.output_dir, sweep)
+        seeds = swept_values(args.overrides, "seed") or [cfg.seed]
+    result = aggregate_sweep(sweep_dir, args.output_dir, sweep, seeds)
     print(result["paths"]["markdown"].read_text())
     for path in result["paths"].values():
         print(path)
-    unfinished = [run.name for run in result["runs"] if run.status != "done"]
+    unfinished = [seed for c in result["configurations"] for seed in c.unfinished]
     if unfinished:
-        print(f"runs not done: {', '.join(unfinished)}", file=sys.stderr)
+        print(f"seeds not done: {'; '.join(unfinished)}", file=sys.stderr)
     return 1 if unfinished else 0
 
 

@@ -1,0 +1,36 @@
+"""`make compare`: final validation with intervals and learning curves of any runs (markdown + CSV + PNG).
+
+python scripts/compare.py runs/study/cpu/pythia-14m-seed* runs/study/cpu/mf-nano-seed* [--output-dir DIR]
+python scripts/compare.py 'runs/sweeps/lr/mf-nano-200steps/*' --title "peak LR"
+
+Runs are run directories or globs, in the order the table shows them; the seeds of one configuration (same
+config apart from the seed and where it is recorded) are grouped automatically. Each row is tested against the
+one before it (Welch's t-test). Exits with status 1 when a given run failed or is unfinished (it is listed in
+the report, never averaged in).
+"""
+
+import argparse
+import sys
+
+from memoryformer.sweeps.compare import compare_runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories or globs (a comma-separated list also works)")
+    parser.add_argument("--output-dir", default="runs/compare", help="where to write comparison.{md,csv,png}")
+    parser.add_argument("--title", default="Comparison", help="the report's title")
+    args = parser.parse_args()
+    patterns = [pattern for arg in args.runs for pattern in arg.split(",") if pattern]
+    result = compare_runs(patterns, args.output_dir, args.title)
+    print(result["paths"]["markdown"].read_text())
+    for path in result["paths"].values():
+        print(path)
+    unfinished = [seed for configuration in result["configurations"] for seed in configuration.unfinished]
+    if unfinished:
+        print(f"not averaged: {'; '.join(unfinished)}", file=sys.stderr)
+    return 1 if unfinished else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
