@@ -430,6 +430,17 @@ def test_build_datasets_prepares_once_and_reuses(tmp_path, shared_data):
     assert len([p for p in (tmp_path / "prepared").iterdir() if p.is_dir()]) == 2
 
 
+def test_validation_windows_do_not_depend_on_the_seed(tmp_path, shared_data):
+    """Seeds reshuffle training, never validation: seed-to-seed spread is the training's, not the val subset's."""
+    texts = [f"document {i}: " + "some words " * 50 for i in range(30)]
+    cfg = text_config(tmp_path, shared_data, texts, valid_files=[], valid_fraction=0.3)
+    train_a, valid_a = build_datasets(cfg, seq_len=8, seed=1, show_progress=False)
+    train_b, valid_b = build_datasets(cfg, seq_len=8, seed=2, show_progress=False)
+    assert len(valid_a) > 2
+    assert all(torch.equal(valid_a[i], valid_b[i]) for i in range(len(valid_a)))
+    assert not all(torch.equal(train_a[i], train_b[i]) for i in range(len(train_a)))
+
+
 def test_build_datasets_concurrent_callers_prepare_once(tmp_path, shared_data, monkeypatch):
     texts = [f"document {i}: " + "some words " * 50 for i in range(30)]
     cfg = text_config(tmp_path, shared_data, texts, valid_files=[], valid_fraction=0.3)

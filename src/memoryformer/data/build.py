@@ -162,6 +162,17 @@ def _open_prefix(prefix: str | None, name: str, key: str, vocab_size: int | None
         ) from err
 
 
+VALIDATION_SEED = 0
+
+
+def validation_samples(
+    dataset: IndexedDataset, seq_len: int, shuffle: bool, documents: range | None = None
+) -> PackedSamples:
+    """Validation windows in an order that does not depend on the run's seed: runs that differ only in their seed
+    (issue 13's seeds axis) are scored on the same windows, so the spread of their losses is the training's."""
+    return PackedSamples(dataset, seq_len, VALIDATION_SEED, documents=documents, shuffle=shuffle)
+
+
 def build_datasets(
     data_cfg: Mapping | DictConfig, seq_len: int, seed: int, show_progress: bool = True
 ) -> tuple[PackedSamples | PythiaOrderSamples, PackedSamples | PythiaOrderSamples]:
@@ -179,17 +190,13 @@ def build_datasets(
     if cfg.get("train_files"):
         directory = prepare_configured_corpus(cfg, show_progress)
         train, valid = IndexedDataset(directory / "train", vocab_size), IndexedDataset(directory / "valid", vocab_size)
-        return PackedSamples(train, seq_len, seed, shuffle=shuffle), PackedSamples(
-            valid, seq_len, seed, shuffle=shuffle
-        )
+        return PackedSamples(train, seq_len, seed, shuffle=shuffle), validation_samples(valid, seq_len, shuffle)
     if not cfg.get("train_prefix"):
         raise ValueError(f"data config {cfg.get('name')!r} needs train_files (text) or train_prefix (pre-tokenized)")
     train = _open_prefix(cfg["train_prefix"], cfg.get("name"), "train_prefix", vocab_size)
     if cfg.get("valid_prefix"):
         valid = _open_prefix(cfg["valid_prefix"], cfg.get("name"), "valid_prefix", vocab_size)
-        return PackedSamples(train, seq_len, seed, shuffle=shuffle), PackedSamples(
-            valid, seq_len, seed, shuffle=shuffle
-        )
+        return PackedSamples(train, seq_len, seed, shuffle=shuffle), validation_samples(valid, seq_len, shuffle)
     valid_fraction = float(cfg.get("valid_fraction") or 0.0)
     if not 0 < valid_fraction < 1:
         raise ValueError(
@@ -200,5 +207,5 @@ def build_datasets(
     split = train.num_documents - num_valid
     return (
         PackedSamples(train, seq_len, seed, documents=range(split), shuffle=shuffle),
-        PackedSamples(train, seq_len, seed, documents=range(split, train.num_documents), shuffle=shuffle),
+        validation_samples(train, seq_len, shuffle, documents=range(split, train.num_documents)),
     )
