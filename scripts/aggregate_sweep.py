@@ -14,6 +14,7 @@ import sys
 
 from memoryformer.config import compose_config
 from memoryformer.sweeps import register_sweep_resolvers, swept_values, without_sweeps
+from memoryformer.sweeps.compare import print_report
 from memoryformer.sweeps.table import aggregate_sweep
 
 
@@ -33,14 +34,7 @@ def main() -> int:
             parser.error("the overrides select no sweep: add +sweep=<tau_k|lr|expand_bits|gelu>")
         sweep, sweep_dir = cfg.sweep.name, cfg.train.output_dir
         seeds = swept_values(args.overrides, "seed") or [cfg.seed]
-    result = aggregate_sweep(sweep_dir, args.output_dir, sweep, seeds)
-    print(result["paths"]["markdown"].read_text())
-    for path in result["paths"].values():
-        print(path)
-    unfinished = [seed for c in result["configurations"] for seed in c.unfinished]
-    if unfinished:
-        print(f"seeds not done: {'; '.join(unfinished)}", file=sys.stderr)
-    return 1 if unfinished else 0
+    return print_report(aggregate_sweep(sweep_dir, args.output_dir, sweep, seeds), "seeds not done")
 
 
 if __name__ == "__main__":

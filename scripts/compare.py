@@ -12,7 +12,7 @@ the report, never averaged in).
 import argparse
 import sys
 
-from memoryformer.sweeps.compare import compare_runs
+from memoryformer.sweeps.compare import compare_runs, print_report
 
 
 def main() -> int:
@@ -22,14 +22,7 @@ def main() -> int:
     parser.add_argument("--title", default="Comparison", help="the report's title")
     args = parser.parse_args()
     patterns = [pattern for arg in args.runs for pattern in arg.split(",") if pattern]
-    result = compare_runs(patterns, args.output_dir, args.title)
-    print(result["paths"]["markdown"].read_text())
-    for path in result["paths"].values():
-        print(path)
-    unfinished = [seed for configuration in result["configurations"] for seed in configuration.unfinished]
-    if unfinished:
-        print(f"not averaged: {'; '.join(unfinished)}", file=sys.stderr)
-    return 1 if unfinished else 0
+    return print_report(compare_runs(patterns, args.output_dir, args.title), "not averaged")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,14 @@ __all__ = [
     "unfinished_lines",
     "write_comparison",
 ]
+
+
+def print_report(result: Mapping[str, Any], unfinished_label: str) -> int:
+    """Print a comparison or sweep result (its markdown, then its files); exit status 1 if a seed is not averaged."""
+    print(result["paths"]["markdown"].read_text())
+    for path in result["paths"].values():
+        print(path)
+    unfinished = [seed for configuration in result["configurations"] for seed in configuration.unfinished]
+    if unfinished:
+        print(f"{unfinished_label}: {'; '.join(unfinished)}", file=sys.stderr)
+    return 1 if unfinished else 0
