@@ -93,7 +93,7 @@ def test_a_model_without_memory_layers_is_cast_whole():
 
 def test_build_for_inference_allocates_tables_in_the_narrow_dtype():
     torch.manual_seed(0)
-    d, heads, layers, tau, expand = SHAPES[0]
+    d, heads, layers = SHAPES[0][:3]
     model = build_for_inference(
         "mf-nano", "bf16", hidden_size=d, num_attention_heads=heads, num_hidden_layers=layers, vocab_size=VOCAB
     )

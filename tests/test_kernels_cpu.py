@@ -96,8 +96,9 @@ def test_bf16_tables_are_within_bf16_rounding_of_the_unrounded_fp64_reference(ta
     x, tables64, b = make_inputs(tau, num_chunks, h, n, dtype=torch.float32, table_dtype=f64)
     grad_y = torch.randn(n, h)
     y, (gx, gt, _) = lookup_and_grads(memory_lookup_cpu, x, tables64.bfloat16(), b, tau, "l1", 1.0, grad_y)
-    y64, (gx64, gt64, _) = lookup_and_grads(memory_lookup_reference, x.double(), tables64, b.double(), tau, "l1", 1.0,
-                                            grad_y)
+    y64, (gx64, gt64, _) = lookup_and_grads(
+        memory_lookup_reference, x.double(), tables64, b.double(), tau, "l1", 1.0, grad_y
+    )
     bound = 2**-8 * memory_lookup_reference(x.double(), tables64.abs(), None, tau) + 1e-5
     assert ((y.double() - y64).abs() <= bound).all()
     assert (y.double() - y64).abs().max() > 0  # the tables really were rounded
