@@ -21,8 +21,8 @@ LAUNCHER ?= $(PY)
 pretrain: setup  ## train MODEL (default mf-nano on the local sample, CPU, minutes); Hydra overrides in ARGS
 	$(LAUNCHER) scripts/pretrain.py $(if $(MODEL),model=$(MODEL)) $(ARGS)
 
-sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="Once upon a time"]
-	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(PROMPT),'prompt="$(PROMPT)"')
+sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="Once upon a time"] [DTYPE=bf16]
+	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(PROMPT),'prompt="$(PROMPT)"') $(if $(DTYPE),dtype=$(DTYPE))
 
 test: setup  ## the default test suite (offline, < ~10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -86,6 +86,15 @@ def test_bf16_tables_model_is_the_fp32_model_with_rounded_tables():
         assert (grads16[name] - grads_r[name]).abs().max().item() <= 1e-2 * scale, name  # bf16 table grads round
 
 
+def test_sample_config_dtype_flag_parses():
+    """`make sample DTYPE=bf16` passes dtype=bf16 to scripts/sample.py's Hydra config."""
+    from memoryformer.config import compose_config
+
+    assert parse_dtype(compose_config(config_name="sample").dtype) is torch.float32
+    cfg = compose_config(["dtype=bf16"], config_name="sample")
+    assert parse_dtype(cfg.dtype) is torch.bfloat16 and cfg.compile is False
+
+
 def test_a_model_without_memory_layers_is_cast_whole():
     pythia = to_inference_dtype(tiny("pythia-14m"), torch.bfloat16)
     assert {p.dtype for p in pythia.parameters()} == {torch.bfloat16}
