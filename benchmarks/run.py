@@ -1,6 +1,6 @@
 """``make bench``: does the lookup beat the matmul? Every benchmark in one run, as ratios (issue 8).
 
-    python -m benchmarks.run [--quick] [--sections kernels blocks models training data] [--threads N]
+    python -m benchmarks.run [--quick] [--sections kernels blocks models decode training data] [--threads N]
                              [--output-dir benchmarks/results]
 
 Sections: 1 ``kernels`` (``bench_kernels``: Memory Layer lookups vs nn.Linear), 2 ``blocks`` and 3 ``models``
@@ -32,7 +32,7 @@ import transformers
 
 from benchmarks.bench_data import run_data_benchmark
 from benchmarks.bench_kernels import run_kernel_benchmarks
-from benchmarks.bench_models import run_block_benchmark, run_model_benchmark
+from benchmarks.bench_models import run_block_benchmark, run_decode_benchmark, run_model_benchmark
 from benchmarks.bench_training import run_training_benchmark
 from benchmarks.report import evaluate_targets, headline_ratios, render_markdown
 from memoryformer.kernels import resolve_backend
@@ -44,6 +44,7 @@ SECTIONS: dict[str, Callable[[bool], dict]] = {
     "kernels": run_kernel_benchmarks,
     "blocks": run_block_benchmark,
     "models": run_model_benchmark,
+    "decode": run_decode_benchmark,
     "training": run_training_benchmark,
     "data": run_data_benchmark,
 }

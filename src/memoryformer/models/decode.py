@@ -90,6 +90,11 @@ def build_for_inference(name: str, dtype: str | torch.dtype = "fp32", **override
     return model.eval()
 
 
+# One shared instance: generate recompiles when the config it is handed differs from the last one it compiled with.
+COMPILE_CONFIG = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+COMPILE_CONFIG._compile_all_devices = True  # transformers' switch to compile on CPU too
+
+
 def compiler_available() -> bool:
     """Whether ``torch.compile``'s CPU backend (inductor) can build kernels here: it needs a C++ compiler."""
     try:
@@ -111,10 +116,8 @@ def enable_compiled_decode(model: nn.Module) -> bool:
     """
     if not compiler_available():
         return False
-    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
-    compile_config._compile_all_devices = True  # transformers' switch to compile on CPU too
     model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = compile_config
+    model.generation_config.compile_config = COMPILE_CONFIG
     return True
 
 
