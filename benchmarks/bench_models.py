@@ -22,6 +22,7 @@ import argparse
 import copy
 import gc
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -391,11 +392,12 @@ def decode_seconds_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens:
     return (clock.times[-1] - clock.times[1]) / (len(clock.times) - 2)
 
 
-def read_bandwidth_gbs(megabytes: int = 256) -> float:
-    """Bytes per second a full read of a large tensor achieves here (best of 5): what decode's weight reads get."""
-    data = torch.ones(megabytes << 18)
-    best = min(time_side_by_side({"sum": lambda _: data.sum()}, seconds=0.0, max_repeats=5)["sum"])
-    return data.numel() * data.element_size() / best / 1e9
+def read_seconds(data: torch.Tensor) -> float:
+    """Seconds of one full read of ``data`` (a sum): timed between decode rounds, so that it sees the same share of
+    a loaded machine as the decoding it bounds."""
+    start = time.perf_counter()
+    data.sum()
+    return time.perf_counter() - start
 
 
 def available_memory_gib() -> float:
@@ -447,7 +449,8 @@ def run_decode_benchmark(quick: bool) -> dict:
 
         {
           "config": {"quick": bool, "prompt_tokens": int, "new_tokens": int, "rounds": int, "compile": bool,
-                     "read_bandwidth_gbs": float, "overrides": {str: int}},
+                     "read_bandwidth_gbs": float,  # a full read of 256 MB between rounds, median
+                     "overrides": {str: int}},
           "results": [
             {"pair": "small" | "large", "model": str, "family": str, "dtype": "fp32" | "bf16",
              "path": "eager" | "compiled", "decode": <summary>,   # tokens_per_s = decode tokens/s
@@ -459,7 +462,8 @@ def run_decode_benchmark(quick: bool) -> dict:
         }
     """
     sizes = DECODE["quick" if quick else "full"]
-    bandwidth = read_bandwidth_gbs(32 if quick else 256)
+    data = torch.ones((32 if quick else 256) << 18)  # MB of fp32, more than the caches
+    reads: list[float] = []
     results, skipped = [], {}
     for pair, names in (("small", MODEL_PAIR), ("large", LARGE_PAIR)):
         available = available_memory_gib()
@@ -471,6 +475,7 @@ def run_decode_benchmark(quick: bool) -> dict:
         vocab = min(v["module"].config.vocab_size for v in variants)
         prompt = torch.randint(vocab, (1, sizes["prompt"]))
         context = sizes["prompt"] + sizes["new_tokens"] / 2
+        read_seconds(data)  # warm-up
         times: list[list[float]] = [[] for _ in variants]
         for round_ in range(sizes["rounds"] + 1):  # round 0 compiles and warms up: not timed
             for variant, variant_times in zip(variants, times, strict=True):
@@ -479,6 +484,8 @@ def run_decode_benchmark(quick: bool) -> dict:
                 )
                 if round_:
                     variant_times.append(seconds)
+                    reads.append(read_seconds(data))
+        bandwidth = data.numel() * data.element_size() / statistics.median(reads) / 1e9
         for variant, variant_times in zip(variants, times, strict=True):
             model = variant.pop("module")
             variant.pop("generation_config")
@@ -498,7 +505,7 @@ def run_decode_benchmark(quick: bool) -> dict:
             "new_tokens": sizes["new_tokens"],
             "rounds": sizes["rounds"],
             "compile": sizes["compile"],
-            "read_bandwidth_gbs": bandwidth,
+            "read_bandwidth_gbs": data.numel() * data.element_size() / statistics.median(reads) / 1e9,
             "overrides": sizes["overrides"],
         },
         "results": results,
