@@ -485,19 +485,20 @@ def run_decode_benchmark(quick: bool) -> dict:
                 if round_:
                     variant_times.append(seconds)
                     reads.append(read_seconds(data))
-        bandwidth = data.numel() * data.element_size() / statistics.median(reads) / 1e9
         for variant, variant_times in zip(variants, times, strict=True):
             model = variant.pop("module")
             variant.pop("generation_config")
             kv_bytes = 2 * model.config.num_hidden_layers * context * model.config.hidden_size * 4
             row = {**variant, "decode": summarise(variant_times, 1)}
             row["bytes_per_token"] = int(weight_bytes_per_token(model) + kv_bytes)
-            row["bound_tokens_per_s"] = bandwidth * 1e9 / row["bytes_per_token"]
-            row["fraction_of_bound"] = row["decode"]["tokens_per_s"] / row["bound_tokens_per_s"]
             results.append(row)
         del variants, model  # free the models (and their compiled steps) before the next pair is built
         torch._dynamo.reset()
         gc.collect()
+    bandwidth = data.numel() * data.element_size() / statistics.median(reads) / 1e9
+    for row in results:
+        row["bound_tokens_per_s"] = bandwidth * 1e9 / row["bytes_per_token"]
+        row["fraction_of_bound"] = row["decode"]["tokens_per_s"] / row["bound_tokens_per_s"]
     return {
         "config": {
             "quick": quick,
@@ -505,7 +506,7 @@ def run_decode_benchmark(quick: bool) -> dict:
             "new_tokens": sizes["new_tokens"],
             "rounds": sizes["rounds"],
             "compile": sizes["compile"],
-            "read_bandwidth_gbs": data.numel() * data.element_size() / statistics.median(reads) / 1e9,
+            "read_bandwidth_gbs": bandwidth,
             "overrides": sizes["overrides"],
         },
         "results": results,

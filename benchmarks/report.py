@@ -105,7 +105,9 @@ def table_dtype_targets(kernels: Mapping[str, Any]) -> list[dict]:
             for cache, r in rows.items()
         )
         out.append(
-            target(f"fused lookup forward, bf16 tables ≤ 1.0× fp32, N={n}, d={d}", worse["ratio"], 1.0, "<=", why)
+            target(
+                f"bf16 tables: fused lookup forward ≤ 1.0× fp32 tables, N={n}, d={d}", worse["ratio"], 1.0, "<=", why
+            )
         )
     return out
 
