@@ -502,7 +502,7 @@ def _decode_section(decode: Mapping[str, Any]) -> list[str]:
         f"time per step excludes the prefill. `eager`: transformers' dynamic KV cache; `compiled`: static KV cache + "
         f"`torch.compile` of the step (`memoryformer.models.decode`), the same machinery for both families "
         f"(compiled only for the small pair). `bf16`: MemoryFormer's tables in bf16 (dense parts fp32), Pythia cast "
-        f"whole. Variants take turns, {cfg['rounds']} rounds, median (min–max); compilation excluded. Bound: read "
+        f"whole. Variants take turns, {cfg['rounds']} rounds, median (min–max); compilation excluded. Bound: GEMV read "
         f"bandwidth {cfg['read_bandwidth_gbs']:.1f} GB/s / bytes a step reads (weights, gathered rows, KV cache).",
         "",
         markdown_table(rows, list(rows[0])) if rows else "(no results)",

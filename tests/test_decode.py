@@ -153,7 +153,7 @@ def test_without_a_compiler_decoding_stays_eager_and_gives_the_same_tokens(monke
     assert torch.equal(greedy(model, prompt)[0], tokens)
 
 
-@pytest.mark.slow  # torch.compile: about a minute per model on 2 cores
+@pytest.mark.slow  # torch.compile: ~2 minutes per model on 2 busy cores (5.4 min for the three)
 @pytest.mark.parametrize("name, shape", [("mf-nano", SHAPES[0]), ("mf-nano", SHAPES[1]), ("pythia-14m", SHAPES[0])])
 def test_compiled_decode_gives_eager_tokens_and_logits(name, shape):
     """Both families through the same compiled machinery: same greedy tokens as eager with and without a KV cache,
