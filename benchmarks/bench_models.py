@@ -9,6 +9,9 @@
   spec §1) and the KV cache bytes, which both blocks read alike.
 - Whole models (``run_model_benchmark``): mf-tiny against pythia-70m with ``generate`` (greedy) from a 128-token
   prompt, and prefill tokens/s (one forward, logits of the last position only, as ``generate`` does).
+- Decode paths and dtypes (``run_decode_benchmark``, issue 15): greedy decode tokens/s through ``generate`` for
+  mf-tiny vs pythia-70m (eager vs compiled, fp32 vs bf16) and mf-base with bf16 tables vs pythia-410m (fp32, bf16;
+  only with ≥ 17 GiB available), each against its weight-streaming bound.
 
 Everything runs in fp32 with SDPA attention and the model's default lookup backend (``auto``); blocks and models
 are in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
