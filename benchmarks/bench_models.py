@@ -14,8 +14,7 @@
   only with ≥ 17 GiB available), each against its weight-streaming bound.
 
 Blocks and models run in fp32 (the decode section also in bf16) with SDPA attention and the default lookup backend
-(``auto``); blocks and models
-are in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
+(``auto``), in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
 (:func:`benchmarks.bench_kernels.time_side_by_side`, warm-up excluded), so that load from other processes hits both
 alike, and are summarised as median/min/max over the repeats.
 """
