@@ -26,8 +26,8 @@ pretrain: setup  ## train MODEL (default mf-nano on the text sample, CPU, minute
 ifdef PROMPT
 sample: export MEMORYFORMER_PROMPT = $(value PROMPT)
 endif
-sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="The old man's dog"]
-	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT))
+sample: setup  ## generate from a checkpoint: make sample [CKPT=runs/<run>] [PROMPT="The old man's dog"] [DTYPE=bf16]
+	$(PY) scripts/sample.py $(if $(CKPT),checkpoint=$(CKPT)) $(if $(DTYPE),dtype=$(DTYPE))
 
 test: setup  ## the default test suite (offline, < ~10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -10,6 +10,11 @@ it times the forward and forward+backward of:
   gather alone, i.e. the floor a fused hash + gather should approach;
 - ``linear``: ``nn.Linear(d, d)`` in fp32, the layer a Memory Layer replaces (measured once per (d, N)).
 
+``table_dtype`` (``run_table_dtype_comparison``, issue 15): the fused forward with bf16 tables against fp32 tables,
+the two alone taking turns, warm (tables as the previous call left them in cache) and cold (a 64 MB read between
+calls evicts them, as a model whose tables exceed the cache sees at decode). Alone, because in the main grid a
+bf16 ``embedding_bag`` neighbour converts the whole table each call and evicts the caches the next row reads.
+
 Calls cycle through a pool of different inputs so that N = 1 does not re-read the same, cache-hot table rows, and
 the backends of one configuration take turns call by call, so that load from other processes hits them alike.
 ``reference`` is skipped above N = 256 (it materialises [N, K, h]). Latencies are per call, warm-up excluded.
@@ -41,11 +46,17 @@ WARMUP = 2
 MIN_REPEATS = 5
 
 
-def time_side_by_side(calls: dict[str, Callable[[int], object]], seconds: float, max_repeats: int) -> dict:
+def time_side_by_side(
+    calls: dict[str, Callable[[int], object]],
+    seconds: float,
+    max_repeats: int,
+    before: Callable[[], object] | None = None,
+) -> dict:
     """Seconds per call of each fn(i), i = 0, 1, …, warm-up excluded.
 
     The calls take turns (round robin) so that load from other processes hits every backend alike; the repeat
-    count is scaled so that the whole comparison takes about `seconds`.
+    count is scaled so that the whole comparison takes about `seconds`. ``before()``, if given, runs untimed
+    before every timed call (e.g. to evict the caches).
     """
     estimate = 0.0
     for fn in calls.values():
@@ -58,6 +69,8 @@ def time_side_by_side(calls: dict[str, Callable[[int], object]], seconds: float,
     times = {name: [] for name in calls}
     for i in range(repeats):
         for name, fn in calls.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn(i)
             times[name].append(time.perf_counter() - start)
@@ -137,6 +150,44 @@ def summarise(times: list[float], n: int) -> dict:
     }
 
 
+EVICT_MEGABYTES = 64  # more than this machine's 32 MB L3: reading it evicts the tables
+
+
+def run_table_dtype_comparison(quick: bool) -> dict:
+    """Fused forward with bf16 vs fp32 tables, N = 1 and the largest N, smallest and largest d, warm and cold.
+
+    Schema::
+
+        {"results": [{"d": int, "n": int, "cache": "warm" | "cold",
+                      "float32": <summary>, "bfloat16": <summary>,
+                      "ratio": float}]}   # bf16 median / fp32 median
+
+    Empty results when the fused kernel is unavailable.
+    """
+    sizes = QUICK if quick else FULL
+    if not cpu_kernel_available():
+        return {"results": []}
+    evict = torch.ones((1 if quick else EVICT_MEGABYTES) << 18)
+    results = []
+    for d in dict.fromkeys((sizes["widths"][0], sizes["widths"][-1])):
+        tables = {torch.float32: 0.02 * torch.randn((d // TAU) << TAU, d)}
+        tables[torch.bfloat16] = tables[torch.float32].bfloat16()
+        bias = torch.zeros(d)
+        for n in dict.fromkeys((1, sizes["tokens"][-1])):
+            inputs = [torch.randn(n, d) for _ in range(INPUT_POOL)]
+            calls = {
+                str(dtype).removeprefix("torch."): lookup_call("cpu", inputs, table, bias, backward=False)
+                for dtype, table in tables.items()
+            }
+            for cache in ("warm", "cold"):
+                before = evict.sum if cache == "cold" else None
+                timings = time_side_by_side(calls, sizes["seconds"] * 2, sizes["max_repeats"], before)
+                row = {"d": d, "n": n, "cache": cache, **{k: summarise(v, n) for k, v in timings.items()}}
+                row["ratio"] = row["bfloat16"]["median_us"] / row["float32"]["median_us"]
+                results.append(row)
+    return {"results": results}
+
+
 def run_kernel_benchmarks(quick: bool) -> dict:
     """Time every backend side by side; returns a JSON-serialisable dict.
 
@@ -155,7 +206,8 @@ def run_kernel_benchmarks(quick: bool) -> dict:
              "ratio_vs_gather_only": float,  # median / gather_only's median, same d, n, tables and pass
              "bytes_gathered_per_token": int,  # K · h · bytes per table value (0 for linear)
              "gather_gbs": float}            # n · bytes_gathered_per_token / median, in GB/s (0 for linear)
-          ]
+          ],
+          "table_dtype": <run_table_dtype_comparison's dict>
         }
 
     ``linear`` rows appear under ``table_dtype`` "float32" only: it is always fp32.
@@ -196,6 +248,7 @@ def run_kernel_benchmarks(quick: bool) -> dict:
                         results.append(row)
     add_ratios(results)
     return {
+        "table_dtype": run_table_dtype_comparison(quick),
         "machine": {
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -9,9 +9,12 @@
   spec §1) and the KV cache bytes, which both blocks read alike.
 - Whole models (``run_model_benchmark``): mf-tiny against pythia-70m with ``generate`` (greedy) from a 128-token
   prompt, and prefill tokens/s (one forward, logits of the last position only, as ``generate`` does).
+- Decode paths and dtypes (``run_decode_benchmark``, issue 15): greedy decode tokens/s through ``generate`` for
+  mf-tiny vs pythia-70m (eager vs compiled, fp32 vs bf16) and mf-base with bf16 tables vs pythia-410m (fp32, bf16;
+  only with ≥ 17 GiB available), each against its weight-streaming bound.
 
-Everything runs in fp32 with SDPA attention and the model's default lookup backend (``auto``); blocks and models
-are in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
+Blocks and models run in fp32 (the decode section also in bf16) with SDPA attention and the default lookup backend
+(``auto``), in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
 (:func:`benchmarks.bench_kernels.time_side_by_side`, warm-up excluded), so that load from other processes hits both
 alike, and are summarised as median/min/max over the repeats.
 """
@@ -19,9 +22,13 @@ alike, and are summarised as median/min/max over the repeats.
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
+import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,7 @@ from memoryformer.kernels import resolve_backend
 from memoryformer.layers.attention import RotaryEmbedding
 from memoryformer.layers.memory_layer import MemoryLayer
 from memoryformer.models import MemoryFormerConfig, build_model, model_config
+from memoryformer.models.decode import build_for_inference, enable_compiled_decode
 from memoryformer.models.modeling_memoryformer import MemoryFormerBlock
 
 BLOCK_PAIRS = (("mf-tiny", "pythia-70m"), ("mf-small", "pythia-160m"), ("mf-base", "pythia-410m"))
@@ -353,8 +361,175 @@ def run_model_benchmark(quick: bool) -> dict:
     }
 
 
+# --- decode paths and dtypes (issue 15) --------------------------------------------------------------------------
+
+LARGE_PAIR = ("mf-base", "pythia-410m")
+LARGE_MIN_AVAILABLE_GIB = 17  # mf-base with bf16 tables is ~13.7 GB; the machine is shared, leave the others room
+DECODE = {
+    "full": {"prompt": 128, "new_tokens": 32, "rounds": 3, "compile": True, "overrides": {}},
+    "quick": {"prompt": 16, "new_tokens": 4, "rounds": 2, "compile": False, "overrides": QUICK_OVERRIDES},
+}
+
+
+class TokenClock:
+    """A ``generate`` streamer that only timestamps: put #0 is the prompt, put #1 the prefill's token, then one
+    put per decode step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_seconds_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens: int, generation_config) -> float:
+    """Seconds per greedy decode step of ``generate`` (prefill excluded), with the given generation config."""
+    clock = TokenClock()
+    config = copy.deepcopy(generation_config)
+    # min_new_tokens: a random model may emit EOS; never stop early
+    config.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(prompt, generation_config=config, attention_mask=torch.ones_like(prompt), streamer=clock)
+    return (clock.times[-1] - clock.times[1]) / (len(clock.times) - 2)
+
+
+def read_seconds(weights: torch.Tensor, vector: torch.Tensor) -> float:
+    """Seconds of one matrix-vector product over ``weights``: how fast decode can stream weight bytes here (a GEMV
+    reads faster than ``sum``'s reduction, 1.5× at one thread). Timed between decode rounds, so that it sees the
+    same share of a loaded machine as the decoding it bounds."""
+    start = time.perf_counter()
+    torch.mv(weights, vector)
+    return time.perf_counter() - start
+
+
+def available_memory_gib() -> float:
+    """MemAvailable from /proc/meminfo (inf where it cannot be read)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return float("inf")
+    available = [line.split()[1] for line in lines if line.startswith("MemAvailable:")]
+    return int(available[0]) / 2**20 if available else float("inf")
+
+
+def decode_variants(name: str, pair: str, overrides: dict, compile_: bool) -> list[dict]:
+    """The model of ``name`` in fp32 and bf16 (``to_inference_dtype``; mf-base only in bf16: 27 GB in fp32), each
+    with the eager path and, when ``compile_``, the compiled one; a variant is {model, generation_config, ...}."""
+    dtypes = ("bf16",) if name == "mf-base" else ("fp32", "bf16")
+    variants = []
+    for dtype in dtypes:
+        model = build_for_inference(name, dtype, **overrides)
+        eager = copy.deepcopy(model.generation_config)
+        paths = [("eager", eager)]
+        if compile_ and enable_compiled_decode(model):
+            paths.append(("compiled", model.generation_config))
+        for path, generation_config in paths:
+            variants.append(
+                {
+                    "pair": pair,
+                    "model": name,
+                    "family": family(model.config),
+                    "dtype": dtype,
+                    "path": path,
+                    "module": model,
+                    "generation_config": generation_config,
+                }
+            )
+    return variants
+
+
+def run_decode_benchmark(quick: bool) -> dict:
+    """Greedy decode tokens/s through ``generate``: eager vs compiled (static KV cache + torch.compile) and fp32 vs
+    bf16, for mf-tiny vs pythia-70m and mf-base (bf16 tables) vs pythia-410m, with each one's bandwidth bound.
+
+    Every variant goes through the same ``generate`` machinery (models/decode.py), and all variants of a pair take
+    turns generation by generation, ``rounds`` times; a variant's decode time is the median over rounds of its
+    seconds per decode step (prefill excluded, :class:`TokenClock`). The first generation of a compiled variant
+    (its compilation) is excluded. mf-base is built only when /proc/meminfo shows ≥ 17 GiB available.
+
+    Schema::
+
+        {
+          "config": {"quick": bool, "prompt_tokens": int, "new_tokens": int, "rounds": int, "compile": bool,
+                     "read_bandwidth_gbs": float,  # a 256 MB GEMV between rounds, median
+                     "overrides": {str: int}},
+          "results": [
+            {"pair": "small" | "large", "model": str, "family": str, "dtype": "fp32" | "bf16",
+             "path": "eager" | "compiled", "decode": <summary>,   # tokens_per_s = decode tokens/s
+             "bytes_per_token": int,        # weights one step reads + the KV cache at the mean context length
+             "bound_tokens_per_s": float,   # read_bandwidth / bytes_per_token
+             "fraction_of_bound": float}
+          ],
+          "skipped": {str: str}  # pair -> why it did not run
+        }
+    """
+    sizes = DECODE["quick" if quick else "full"]
+    weights = torch.ones((32 if quick else 256) << 8, 1024)  # MB of fp32, more than the caches
+    vector = torch.ones(1024)
+    reads: list[float] = []
+    results, skipped = [], {}
+    for pair, names in (("small", MODEL_PAIR), ("large", LARGE_PAIR)):
+        available = available_memory_gib()
+        if pair == "large" and not quick and available < LARGE_MIN_AVAILABLE_GIB:
+            skipped[pair] = f"{available:.1f} GiB available < {LARGE_MIN_AVAILABLE_GIB} GiB needed for mf-base in bf16"
+            continue
+        compile_ = sizes["compile"] and pair == "small"  # compiling 24 layers takes too long on 2 cores
+        variants = [v for name in names for v in decode_variants(name, pair, sizes["overrides"], compile_)]
+        vocab = min(v["module"].config.vocab_size for v in variants)
+        prompt = torch.randint(vocab, (1, sizes["prompt"]))
+        context = sizes["prompt"] + sizes["new_tokens"] / 2
+        read_seconds(weights, vector)  # warm-up
+        times: list[list[float]] = [[] for _ in variants]
+        for round_ in range(sizes["rounds"] + 1):  # round 0 compiles and warms up: not timed
+            for variant, variant_times in zip(variants, times, strict=True):
+                seconds = decode_seconds_per_token(
+                    variant["module"], prompt, sizes["new_tokens"], variant["generation_config"]
+                )
+                if round_:
+                    variant_times.append(seconds)
+                    reads.append(read_seconds(weights, vector))
+        for variant, variant_times in zip(variants, times, strict=True):
+            model = variant.pop("module")
+            variant.pop("generation_config")
+            kv_bytes = 2 * model.config.num_hidden_layers * context * model.config.hidden_size * 4
+            row = {**variant, "decode": summarise(variant_times, 1)}
+            row["bytes_per_token"] = int(weight_bytes_per_token(model) + kv_bytes)
+            results.append(row)
+        del variants, model  # free the models (and their compiled steps) before the next pair is built
+        torch._dynamo.reset()
+        gc.collect()
+    bandwidth = weights.numel() * weights.element_size() / statistics.median(reads) / 1e9
+    for row in results:
+        row["bound_tokens_per_s"] = bandwidth * 1e9 / row["bytes_per_token"]
+        row["fraction_of_bound"] = row["decode"]["tokens_per_s"] / row["bound_tokens_per_s"]
+    return {
+        "config": {
+            "quick": quick,
+            "prompt_tokens": sizes["prompt"],
+            "new_tokens": sizes["new_tokens"],
+            "rounds": sizes["rounds"],
+            "compile": sizes["compile"],
+            "read_bandwidth_gbs": bandwidth,
+            "overrides": sizes["overrides"],
+        },
+        "results": results,
+        "skipped": skipped,
+    }
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one d = 64 layer per model (seconds)")
     quick = parser.parse_args().quick
-    print(json.dumps({"blocks": run_block_benchmark(quick), "models": run_model_benchmark(quick)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "blocks": run_block_benchmark(quick),
+                "models": run_model_benchmark(quick),
+                "decode": run_decode_benchmark(quick),
+            },
+            indent=1,
+        )
+    )

@@ -91,6 +91,28 @@ def kernel_targets(kernels: Mapping[str, Any]) -> list[dict]:
     return out
 
 
+def table_dtype_targets(kernels: Mapping[str, Any]) -> list[dict]:
+    """Fused forward with bf16 tables ≤ 1.0× its fp32 latency (issue 15), per (d, N), the worse of cache-warm and
+    cache-cold (bench_kernels.run_table_dtype_comparison)."""
+    by_config: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in kernels.get("table_dtype", {}).get("results", []):
+        by_config.setdefault((r["d"], r["n"]), {})[r["cache"]] = r
+    out = []
+    for (d, n), rows in by_config.items():
+        worse = max(rows.values(), key=lambda r: r["ratio"])
+        why = "; ".join(
+            f"{cache}: bf16 {r['bfloat16']['median_us']:.1f} µs vs fp32 {r['float32']['median_us']:.1f} µs "
+            f"({r['ratio']:.2f}×)"
+            for cache, r in rows.items()
+        )
+        out.append(
+            target(
+                f"bf16 tables: fused lookup forward ≤ 1.0× fp32 tables, N={n}, d={d}", worse["ratio"], 1.0, "<=", why
+            )
+        )
+    return out
+
+
 def block_target(blocks: Mapping[str, Any], copy_bandwidth_gbs: float | None) -> dict:
     """MemoryFormer block decode latency ≤ 0.25× the Pythia block's at the smallest width (d = 512)."""
     decode = [r for r in blocks["results"] if r["phase"] == "decode"]
@@ -140,16 +162,70 @@ def model_target(models: Mapping[str, Any]) -> dict:
     )
 
 
+def _decode_rows(decode: Mapping[str, Any], pair: str) -> dict[tuple[str, str, str], dict]:
+    return {(r["model"], r["dtype"], r["path"]): r for r in decode["results"] if r["pair"] == pair}
+
+
+def decode_targets(decode: Mapping[str, Any]) -> list[dict]:
+    """Issue 15: mf-tiny ≥ 1.5× pythia-70m decode tokens/s on their best common path (fp32; the path on which the
+    baseline is fastest), mf-tiny at ≥ 60% of its bandwidth bound, and mf-base (bf16 tables) decoding at all."""
+    out = []
+    small = _decode_rows(decode, "small")
+    mf_name, pythia_name = (
+        next(r["model"] for r in small.values() if r["family"] == f) for f in ("memoryformer", "pythia")
+    )
+    paths = sorted({path for (_, dtype, path) in small if dtype == "fp32"})
+    best = max(paths, key=lambda p: small[(pythia_name, "fp32", p)]["decode"]["tokens_per_s"])
+    mf, pythia = small[(mf_name, "fp32", best)], small[(pythia_name, "fp32", best)]
+    ratio = mf["decode"]["tokens_per_s"] / pythia["decode"]["tokens_per_s"]
+    why = "; ".join(
+        f"{path}: {small[(mf_name, 'fp32', path)]['decode']['tokens_per_s']:.1f} vs "
+        f"{small[(pythia_name, 'fp32', path)]['decode']['tokens_per_s']:.1f} tokens/s"
+        for path in paths
+    )
+    out.append(target(f"{mf_name} decode tokens/s ≥ 1.5× {pythia_name}'s, fp32, {best} path", ratio, 1.5, ">=", why))
+    mf_best = max((r for r in small.values() if r["model"] == mf_name), key=lambda r: r["fraction_of_bound"])
+    why = "; ".join(
+        f"{r['model']} {r['dtype']} {r['path']}: {r['decode']['tokens_per_s']:.1f} of {r['bound_tokens_per_s']:.0f} "
+        f"tokens/s ({r['fraction_of_bound']:.0%}, {r['bytes_per_token'] / 1e6:.0f} MB/token)"
+        for r in small.values()
+    )
+    out.append(
+        target(
+            f"{mf_name} decode ≥ 60% of its bandwidth bound ({mf_best['dtype']}, {mf_best['path']})",
+            mf_best["fraction_of_bound"],
+            0.6,
+            ">=",
+            why + f"; read bandwidth {decode['config']['read_bandwidth_gbs']:.1f} GB/s",
+        )
+    )
+    large = _decode_rows(decode, "large")
+    if large:
+        mf_base = next(r for r in large.values() if r["family"] == "memoryformer")
+        why = "; ".join(
+            f"{r['model']} {r['dtype']} {r['path']}: {r['decode']['tokens_per_s']:.2f} tokens/s, "
+            f"{r['fraction_of_bound']:.0%} of its bound ({r['bound_tokens_per_s']:.0f})"
+            for r in large.values()
+        )
+        measured = mf_base["decode"]["tokens_per_s"]
+    else:
+        measured, why = None, decode["skipped"].get("large", "not run")
+    out.append(target("mf-base (bf16 tables) decodes on this machine: tokens/s > 0", measured, 0.0, ">=", why))
+    return out
+
+
 def evaluate_targets(sections: Mapping[str, Any]) -> list[dict]:
     """Every target whose section ran (a failed or skipped section contributes none)."""
     out = []
     if "kernels" in sections:
-        out += kernel_targets(sections["kernels"])
+        out += kernel_targets(sections["kernels"]) + table_dtype_targets(sections["kernels"])
     if "blocks" in sections:
         copy_bandwidth = sections["kernels"]["machine"]["copy_bandwidth_gbs"] if "kernels" in sections else None
         out.append(block_target(sections["blocks"], copy_bandwidth))
     if "models" in sections:
         out.append(model_target(sections["models"]))
+    if "decode" in sections:
+        out += decode_targets(sections["decode"])
     return out
 
 
@@ -181,8 +257,32 @@ def headline_ratios(sections: Mapping[str, Any]) -> dict[str, Any]:
         out["model_decode_tokens_per_s"] = ratios["decode_tokens_per_s"]
         out["model_generate_tokens_per_s"] = ratios["generate_tokens_per_s"]
         out["model_prefill_tokens_per_s"] = ratios["prefill_tokens_per_s"]
+    if "decode" in sections:
+        out["decode_tokens_per_s"] = decode_ratios(sections["decode"])
     if "training" in sections:
         out["training_tokens_per_s"] = sections["training"]["ratio"]
+    return out
+
+
+def decode_ratios(decode: Mapping[str, Any]) -> dict[str, float]:
+    """Decode tokens/s ratios: MemoryFormer / Pythia per (pair, dtype, path), compiled / eager and bf16 / fp32
+    per model."""
+    out = {}
+    rows = {(r["pair"], r["model"], r["dtype"], r["path"]): r["decode"]["tokens_per_s"] for r in decode["results"]}
+    by_pair: dict[str, dict[str, str]] = {}
+    for r in decode["results"]:
+        by_pair.setdefault(r["pair"], {})[r["family"]] = r["model"]
+    for (pair, model, dtype, path), value in rows.items():
+        models = by_pair[pair]
+        if model == models.get("memoryformer"):
+            for pythia_dtype in ("fp32", "bf16"):
+                baseline = rows.get((pair, models.get("pythia"), pythia_dtype, path))
+                if baseline:
+                    out[f"{model} {dtype} / {models['pythia']} {pythia_dtype}, {path}"] = value / baseline
+        if path == "compiled" and (pair, model, dtype, "eager") in rows:
+            out[f"{model} {dtype}: compiled / eager"] = value / rows[(pair, model, dtype, "eager")]
+        if dtype == "bf16" and (pair, model, "fp32", path) in rows:
+            out[f"{model} {path}: bf16 / fp32"] = value / rows[(pair, model, "fp32", path)]
     return out
 
 
@@ -220,6 +320,8 @@ def _headline_lines(report: Mapping[str, Any]) -> list[str]:
             f"{h['model_generate_tokens_per_s']:.2f}×, prefill "
             + ", ".join(f"{n} tokens {v:.2f}×" for n, v in h["model_prefill_tokens_per_s"].items())
         )
+    if "decode_tokens_per_s" in h:
+        lines.append(f"- Decode tokens/s (generate, issue 15): {joined(h['decode_tokens_per_s'])}")
     if "training_tokens_per_s" in h:
         lines.append(f"- Training tokens/s / Pythia's: {h['training_tokens_per_s']:.2f}×")
     if "data" in report["sections"]:
@@ -258,6 +360,29 @@ def _machine_lines(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _table_dtype_lines(kernels: Mapping[str, Any]) -> list[str]:
+    rows = [
+        {
+            "d": r["d"],
+            "N": r["n"],
+            "cache": r["cache"],
+            "fp32 µs": f"{r['float32']['median_us']:.1f}",
+            "bf16 µs": f"{r['bfloat16']['median_us']:.1f}",
+            "bf16 / fp32": f"{r['ratio']:.2f}",
+        }
+        for r in kernels.get("table_dtype", {}).get("results", [])
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "Fused forward, bf16 against fp32 tables, the two alone taking turns (a bf16 `embedding_bag` row above "
+        "converts its whole table per call and evicts the cache the next row reads); cold: a 64 MB read between calls.",
+        "",
+        markdown_table(rows, list(rows[0])),
+    ]
+
+
 def _kernel_section(kernels: Mapping[str, Any]) -> list[str]:
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in kernels["results"]:
@@ -290,6 +415,7 @@ def _kernel_section(kernels: Mapping[str, Any]) -> list[str]:
         f"min/max per row are in the JSON.",
         "",
         markdown_table(rows, list(rows[0])) if rows else "(no results)",
+        *_table_dtype_lines(kernels),
     ]
 
 
@@ -354,6 +480,37 @@ def _model_section(models: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _decode_section(decode: Mapping[str, Any]) -> list[str]:
+    cfg = decode["config"]
+    rows = [
+        {
+            "model": r["model"],
+            "dtype": r["dtype"],
+            "path": r["path"],
+            "decode tokens/s": f"{r['decode']['tokens_per_s']:.2f}",
+            "ms/token": _spread(r["decode"], 1e3, 1),
+            "MB/token": f"{r['bytes_per_token'] / 1e6:.0f}",
+            "bound tokens/s": f"{r['bound_tokens_per_s']:.0f}",
+            "of bound": f"{r['fraction_of_bound']:.0%}",
+        }
+        for r in decode["results"]
+    ]
+    skipped = [f"- {pair} pair skipped: {why}" for pair, why in decode["skipped"].items()]
+    return [
+        "## 3b. Decode paths and dtypes",
+        "",
+        f"Greedy `generate` of {cfg['new_tokens']} tokens after a {cfg['prompt_tokens']}-token prompt; decode "
+        f"time per step excludes the prefill. `eager`: transformers' dynamic KV cache; `compiled`: static KV cache + "
+        f"`torch.compile` of the step (`memoryformer.models.decode`), the same machinery for both families "
+        f"(compiled only for the small pair). `bf16`: MemoryFormer's tables in bf16 (dense parts fp32), Pythia cast "
+        f"whole. Variants take turns, {cfg['rounds']} rounds, median (min–max); compilation excluded. Bound: GEMV read "
+        f"bandwidth {cfg['read_bandwidth_gbs']:.1f} GB/s / bytes a step reads (weights, gathered rows, KV cache).",
+        "",
+        markdown_table(rows, list(rows[0])) if rows else "(no results)",
+        *(["", *skipped] if skipped else []),
+    ]
+
+
 def _training_section(training: Mapping[str, Any]) -> list[str]:
     cfg = training["config"]
     rows = [
@@ -393,6 +550,7 @@ SECTION_WRITERS = {
     "kernels": _kernel_section,
     "blocks": _block_section,
     "models": _model_section,
+    "decode": _decode_section,
     "training": _training_section,
     "data": _data_section,
     "gpu_kernels": render_kernel_report,

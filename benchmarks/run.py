@@ -1,11 +1,12 @@
 """``make bench``: does the lookup beat the matmul? Every benchmark in one run, as ratios (issue 8).
 
-    python -m benchmarks.run [--quick] [--sections kernels blocks models training data gpu_kernels] [--threads N]
+    python -m benchmarks.run [--quick] [--sections kernels blocks models decode training data gpu_kernels] [--threads N]
                              [--output-dir benchmarks/results]
 
 Sections: 1 ``kernels`` (``bench_kernels``: Memory Layer lookups vs nn.Linear), 2 ``blocks`` and 3 ``models``
-(``bench_models``: one block, then mf-tiny vs pythia-70m), 4 ``training`` (``bench_training``: mf-nano vs
-pythia-14m), 5 ``data`` (``bench_data``: corpus preparation), 6 ``gpu_kernels`` (``kernel_report``: the Triton
+(``bench_models``: one block, then mf-tiny vs pythia-70m), ``decode`` (``bench_models``: eager vs compiled, fp32
+vs bf16 tables, mf-base vs pythia-410m), 4 ``training`` (``bench_training``: mf-nano vs pythia-14m), 5 ``data``
+(``bench_data``: corpus preparation), 6 ``gpu_kernels`` (``kernel_report``: the Triton
 kernels' compiled code before/after issue 16 and their roofline model; no GPU needed). Torch's thread count is
 pinned first (default: every CPU this process may run on) and reported with the machine (CPU, caches, torch build,
 the lookup backend ``auto`` resolves to). Writes ``latest.json`` and ``latest.md`` (see :mod:`benchmarks.report`)
@@ -34,7 +35,7 @@ import transformers
 
 from benchmarks.bench_data import run_data_benchmark
 from benchmarks.bench_kernels import run_kernel_benchmarks
-from benchmarks.bench_models import run_block_benchmark, run_model_benchmark
+from benchmarks.bench_models import run_block_benchmark, run_decode_benchmark, run_model_benchmark
 from benchmarks.bench_training import run_training_benchmark
 from benchmarks.kernel_report import run_kernel_report
 from benchmarks.report import evaluate_targets, headline_ratios, render_markdown
@@ -47,6 +48,7 @@ SECTIONS: dict[str, Callable[[bool], dict]] = {
     "kernels": run_kernel_benchmarks,
     "blocks": run_block_benchmark,
     "models": run_model_benchmark,
+    "decode": run_decode_benchmark,
     "training": run_training_benchmark,
     "data": run_data_benchmark,
     "gpu_kernels": run_kernel_report,

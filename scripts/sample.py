@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from memoryformer.config import register_resolvers
 from memoryformer.evaluation.harness import latest_checkpoint
+from memoryformer.models.decode import enable_compiled_decode, to_inference_dtype
 from memoryformer.train.checkpoint import load_for_inference
 
 register_resolvers()
@@ -17,7 +18,9 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else latest_checkpoint(cfg.runs_dir)
     model, tokenizer = load_for_inference(checkpoint)
-    model.eval()
+    model = to_inference_dtype(model.eval(), cfg.dtype)
+    if cfg.compile:
+        enable_compiled_decode(model)
     torch.manual_seed(cfg.seed)
     ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids
     out = model.generate(

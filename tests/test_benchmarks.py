@@ -144,7 +144,9 @@ def test_targets_agree_with_the_sections(quick_run):
     report = quick_run["report"]
     targets = report["targets"]
     kernel_widths = report["sections"]["kernels"]["config"]["widths"]
-    assert len(targets) == 2 + len(kernel_widths) + 2  # two N=1 targets, one large-N per width, block, model
+    table_dtype_configs = {(r["d"], r["n"]) for r in report["sections"]["kernels"]["table_dtype"]["results"]}
+    # two N=1 targets, one large-N per width, bf16 vs fp32 per (d, N), block, model
+    assert len(targets) == 2 + len(kernel_widths) + len(table_dtype_configs) + 2
     for t in targets:
         assert t["comparison"] in ("<=", ">=") and t["measured"] is not None
         met = t["measured"] <= t["threshold"] if t["comparison"] == "<=" else t["measured"] >= t["threshold"]
@@ -165,3 +167,43 @@ def test_markdown_report(quick_run):
     assert markdown.count("| fused lookup forward") == 2 + len(
         quick_run["report"]["sections"]["kernels"]["config"]["widths"]
     )
+
+
+def test_decode_section_rows_targets_and_ratios():
+    """Issue 15's decode section in quick mode (eager only): every model × dtype × path row, bounds, targets."""
+    from benchmarks.bench_models import run_decode_benchmark
+    from benchmarks.report import decode_ratios, decode_targets
+
+    decode = run_decode_benchmark(quick=True)
+    rows = {(r["pair"], r["model"], r["dtype"], r["path"]): r for r in decode["results"]}
+    assert set(rows) == {
+        ("small", "mf-tiny", "fp32", "eager"),
+        ("small", "mf-tiny", "bf16", "eager"),
+        ("small", "pythia-70m", "fp32", "eager"),
+        ("small", "pythia-70m", "bf16", "eager"),
+        ("large", "mf-base", "bf16", "eager"),
+        ("large", "pythia-410m", "fp32", "eager"),
+        ("large", "pythia-410m", "bf16", "eager"),
+    }
+    bandwidth = decode["config"]["read_bandwidth_gbs"]
+    for r in rows.values():
+        assert set(SUMMARY_KEYS) <= set(r["decode"]) and r["decode"]["repeats"] == decode["config"]["rounds"]
+        assert 0 < r["decode"]["min_us"] <= r["decode"]["median_us"] <= r["decode"]["max_us"]
+        assert close(r["bound_tokens_per_s"], bandwidth * 1e9 / r["bytes_per_token"])
+        assert close(r["fraction_of_bound"], r["decode"]["tokens_per_s"] / r["bound_tokens_per_s"])
+    # bf16 tables halve the gathered bytes of a MemoryFormer; a Pythia model is cast whole
+    assert (
+        rows[("small", "mf-tiny", "bf16", "eager")]["bytes_per_token"]
+        < rows[("small", "mf-tiny", "fp32", "eager")]["bytes_per_token"]
+    )
+    ratios = decode_ratios(decode)
+    tokens_per_s = {key: r["decode"]["tokens_per_s"] for key, r in rows.items()}
+    assert close(
+        ratios["mf-base bf16 / pythia-410m fp32, eager"],
+        tokens_per_s[("large", "mf-base", "bf16", "eager")] / tokens_per_s[("large", "pythia-410m", "fp32", "eager")],
+    )
+    targets = decode_targets(decode)
+    assert len(targets) == 3 and all(t["why"] for t in targets)
+    fp32 = [tokens_per_s[("small", m, "fp32", "eager")] for m in ("mf-tiny", "pythia-70m")]
+    assert close(targets[0]["measured"], fp32[0] / fp32[1])
+    assert targets[2]["measured"] == tokens_per_s[("large", "mf-base", "bf16", "eager")]

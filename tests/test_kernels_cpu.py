@@ -86,6 +86,27 @@ def test_low_precision_tables_accumulate_in_fp32(table_dtype, atol, score, tempe
     torch.testing.assert_close(gb.double(), gb64, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tau, num_chunks, h, n", [(8, 64, 512, 1), (8, 16, 200, 37), (4, 32, 1030, 3)])
+def test_bf16_tables_are_within_bf16_rounding_of_the_unrounded_fp64_reference(tau, num_chunks, h, n):
+    """bf16 tables (issue 15) against the fp64 answer for the *unrounded* tables, forward and backward.
+
+    Each table value is off by at most 2^-8 of itself (bf16 keeps 8 significant bits), and the weights are
+    positive, so |y - y64| ≤ 2^-8 · Σ_k w_k·|T[r_k]| = 2^-8 · (the reference lookup of |T|), plus fp32 rounding.
+    """
+    x, tables64, b = make_inputs(tau, num_chunks, h, n, dtype=torch.float32, table_dtype=f64)
+    grad_y = torch.randn(n, h)
+    y, (gx, gt, _) = lookup_and_grads(memory_lookup_cpu, x, tables64.bfloat16(), b, tau, "l1", 1.0, grad_y)
+    y64, (gx64, gt64, _) = lookup_and_grads(
+        memory_lookup_reference, x.double(), tables64, b.double(), tau, "l1", 1.0, grad_y
+    )
+    bound = 2**-8 * memory_lookup_reference(x.double(), tables64.abs(), None, tau) + 1e-5
+    assert ((y.double() - y64).abs() <= bound).all()
+    assert (y.double() - y64).abs().max() > 0  # the tables really were rounded
+    torch.testing.assert_close(gx.double(), gx64, atol=2**-7 * gx64.abs().max().item(), rtol=0)
+    # ∂L/∂T does not read T: fp32 accumulation, then one rounding to bf16
+    torch.testing.assert_close(gt.double(), gt64, atol=1e-6, rtol=2**-8)
+
+
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 def test_single_token_matches_batched(table_dtype):
     """N = 1 runs inline and a batch in parallel over tokens: each token's result must be bit-identical."""
