@@ -191,7 +191,7 @@ def test_resume_never_on_an_existing_run_is_refused_unless_overwrite_moves_it_as
     short = [*tiny_train_overrides, "train.max_steps=3"]
     first = pretrain(compose_config(short))
     first_id = json.loads((first / "run.json").read_text())["run_id"]
-    with pytest.raises(RunDirectoryError, match="train.overwrite=true"):
+    with pytest.raises(RunDirectoryError, match=r"train\.overwrite=true"):
         pretrain(compose_config([*short, "train.resume=never", "train.lr=1e-3"]))
     assert json.loads((first / "run.json").read_text())["run_id"] == first_id  # untouched
 
