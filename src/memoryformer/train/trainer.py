@@ -227,7 +227,9 @@ class Trainer:
             checkpoint = self.checkpointer.last_saved
             if checkpoint is None or checkpoint.name != checkpoint_name(self.step):
                 checkpoint = self.save()
-            raise Preempted(self.stop.signal_name, self.step, checkpoint)
+            preempted = Preempted(self.stop.signal_name, self.step, checkpoint)
+            log.warning("%s", preempted)  # SystemExit prints nothing itself
+            raise preempted
         return self.finish()
 
     def should_continue(self) -> bool:
