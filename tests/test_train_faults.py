@@ -149,10 +149,17 @@ def test_random_kills_and_corruptions_lose_nothing_saved_and_resume_only_intact_
     overrides = [*common, f"train.output_dir={tmp_path / 'faulty'}"]
     run_dir = tmp_path / "faulty" / straight.name
     checkpoints = run_dir / "checkpoints"
-    damaged: set[str] = set()  # checkpoints made unusable on purpose: never to be resumed from
+    # Checkpoints damaged on purpose, by name and trainer-state mtime (a later save may reuse the name).
+    damaged: dict[str, int] = {}
+
+    def is_damaged(checkpoint: Path) -> bool:
+        state = checkpoint / STATE_FILE
+        return state.is_file() and damaged.get(checkpoint.name) == state.stat().st_mtime_ns
+
     newest_intact, foreign = 0, None
     for trial in range(5):
         log = tmp_path / f"trial{trial}.log"
+        damaged_now = {p.name for p in complete_checkpoints(checkpoints) if is_damaged(p)}
         process = start(overrides, tmp_path, log)
         if foreign is not None:  # refused outright, naming it; nothing else touched
             assert process.wait(timeout=TIMEOUT_S) == 1
@@ -174,10 +181,9 @@ def test_random_kills_and_corruptions_lose_nothing_saved_and_resume_only_intact_
         time.sleep(rng.uniform(0, 0.3))
         process.kill()
         process.wait()
-        output = log.read_text()
-        for resumed in re.findall(r"resumed from (\S+) at step", output):
-            assert Path(resumed).name not in damaged, f"resumed from the damaged {resumed}"
-        complete = [p for p in complete_checkpoints(checkpoints) if p.name not in damaged]
+        for resumed in re.findall(r"resumed from (\S+) at step", log.read_text()):
+            assert Path(resumed).name not in damaged_now, f"resumed from the damaged {resumed}"
+        complete = [p for p in complete_checkpoints(checkpoints) if not is_damaged(p)]
         steps_saved = [checkpoint_step(p) for p in complete]
         assert max(steps_saved, default=0) >= newest_intact, "a saved checkpoint was lost"
         newest_intact = max(steps_saved, default=0)
@@ -187,11 +193,11 @@ def test_random_kills_and_corruptions_lose_nothing_saved_and_resume_only_intact_
                 foreign = make_foreign(complete[-1], rng)
             else:
                 fault(complete[-1], rng)
-                damaged.add(complete[-1].name)
+                damaged[complete[-1].name] = (complete[-1] / STATE_FILE).stat().st_mtime_ns
                 newest_intact = steps_saved[-2]
 
     final = pretrain(compose_config(overrides))
     assert_same_weights(weights(final / "model"), weights(straight / "model"))
     assert logged_steps(final) == list(range(1, steps + 1))
-    for corrupt in checkpoints.glob(".corrupt-*"):
-        assert corrupt.name.removeprefix(".corrupt-") in damaged
+    for corrupt in checkpoints.glob(".corrupt-*"):  # only what was damaged on purpose was set aside
+        assert corrupt.name.removeprefix(".corrupt-")[: len("step-00000000")] in damaged

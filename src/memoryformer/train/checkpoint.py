@@ -11,6 +11,7 @@ another run (another run id) is never resumed from. A model with non-finite para
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -236,7 +237,12 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             for checkpoint, _ in rejected:
                 if checkpoint.parent == self.directory and checkpoint.is_dir():
-                    checkpoint.rename(checkpoint.with_name(f"{CORRUPT_PREFIX}{checkpoint.name}"))
+                    aside = checkpoint.with_name(f"{CORRUPT_PREFIX}{checkpoint.name}")
+                    for n in itertools.count(2):  # the same step may be damaged again after it is re-saved
+                        if not aside.exists():
+                            break
+                        aside = checkpoint.with_name(f"{CORRUPT_PREFIX}{checkpoint.name}-{n}")
+                    checkpoint.rename(aside)
         self.accelerator.wait_for_everyone()
 
 
