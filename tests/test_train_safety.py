@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from memoryformer.config import compose_config
 from memoryformer.locks import LockHeldError
+from memoryformer.paths import PROJECT_ROOT
 from memoryformer.train import NonFiniteTrainingError, pretrain
 from memoryformer.train import loop as train_loop
 from memoryformer.train.checkpoint import (
@@ -278,3 +279,45 @@ def test_checkpoints_of_another_run_are_never_resumed(tiny_train_overrides, tmp_
     shutil.copytree(other / "checkpoints" / checkpoint_name(3), run_dir / "checkpoints" / checkpoint_name(9))
     with pytest.raises(CheckpointError, match=r"holds checkpoints of another run: step-00000009"):
         pretrain(compose_config([*tiny_train_overrides, "train.max_steps=12", "train.allow_changed=[max_steps]"]))
+
+
+# --- console, log file, Hydra's files --------------------------------------------------------------------------------
+
+
+def test_console_shows_what_a_user_needs_and_the_log_file_keeps_everything(tmp_path, capsys):
+    from memoryformer.train.run_log import run_logging
+
+    records = [
+        ("accelerate.checkpointing", logging.INFO, "Model weights saved in step-3", False),
+        ("DeepSpeed", logging.WARNING, "Setting accelerator to CPU. If you have GPU or other accelerator", False),
+        ("lm_eval.evaluator", logging.WARNING, "Overwriting default num_fewshot of wsc from None to 0", False),
+        ("some.library", logging.WARNING, "a warning that matters", True),
+        ("memoryformer.train.trainer", logging.INFO, "resumed from step-3", True),
+    ]
+    with run_logging(tmp_path / "train.log"):
+        for name, level, message, _ in records:
+            logging.getLogger(name).log(level, message)
+    console, log_file = capsys.readouterr().err, (tmp_path / "train.log").read_text()
+    for _, _, message, shown in records:
+        assert (message in console) == shown, message
+        assert message in log_file
+    logging.getLogger("memoryformer.train.trainer").warning("after the run")
+    assert "after the run" not in (tmp_path / "train.log").read_text()  # handlers removed on exit
+
+
+def test_a_bad_command_fails_at_once_and_hydra_leaves_no_outputs_folder(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "scripts" / "pretrain.py"),
+            "train.lr=0",
+            f"train.output_dir={tmp_path / 'runs'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "train.lr=0: must be a positive number" in result.stderr
+    assert list(tmp_path.iterdir()) == [], "no outputs/<date>/<time>/, .hydra/ or log file left behind"

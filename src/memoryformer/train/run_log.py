@@ -23,10 +23,13 @@ OUR_LOGGERS = "memoryformer"
 # (logger name prefix, message fragment) of warnings that say nothing actionable here: kept in train.log only.
 HARMLESS = (
     ("DeepSpeed", "Setting accelerator to CPU"),  # a CPU-only machine is this project's normal case
-    ("lm_eval", "pretrained model kwarg is not of type `str`"),  # the trainer evaluates its model in memory
-    ("lm_eval", "Passed an already-initialized model through `pretrained`"),
-    ("lm_eval", "`max_length` is not set"),
-    ("lm_eval", "model.generation_config"),
+    # lm-eval on a model object and on the project's local task configs, as eval_at_end runs it:
+    ("lm_eval.models.huggingface", "model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "HF model type is neither marked as CausalLM"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
+    ("lm_eval.api.task", "is defined, but aggregation is not"),
+    ("lm_eval.api.task", "is defined, but higher_is_better is not"),
+    ("lm_eval.evaluator", "Overwriting default num_fewshot"),  # zero-shot is the point
 )
 DEEPSPEED_LOGGER = "DeepSpeed"
 
