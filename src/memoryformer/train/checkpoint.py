@@ -160,8 +160,9 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        """Keep this run's newest ``keep`` (the one just saved is always among them); drop leftover temporaries."""
-        ours = [p for p in complete_checkpoints(self.directory) if self._run_of(p) == self.run_id]
+        """Keep this run's newest ``keep`` (the one just saved is always among them; checkpoints from before run
+        ids count as this run's, as on resume); drop leftover temporaries."""
+        ours = [p for p in complete_checkpoints(self.directory) if self._run_of(p) in (self.run_id, None)]
         for old in ours[: -self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.directory.glob(f"{TMP_PREFIX}*"):

@@ -53,13 +53,21 @@ def _utc_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run that trained at least one step leaves
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run's outputs (an attempt that failed before training holds none)."""
+    return any((run_dir / name).exists() for name in RUN_OUTPUTS)
+
+
 def prepare_run_dir(run_dir: Path, resume: str, overwrite: bool) -> str:
     """Make ``run_dir`` ready for this run (main process, under the lock); returns the run id.
 
-    An empty or missing directory starts a new run. ``resume=never`` on a directory with content is refused
-    unless ``overwrite``, which moves it aside first.
+    A directory without a run's outputs (:func:`holds_a_run`) starts a new run. ``resume=never`` on one with
+    outputs is refused unless ``overwrite``, which moves it aside first.
     """
-    if resume == "never" and run_dir.is_dir() and any(run_dir.iterdir()):
+    if resume == "never" and holds_a_run(run_dir):
         if not overwrite:
             held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
             raise RunDirectoryError(

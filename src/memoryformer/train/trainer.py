@@ -32,6 +32,7 @@ from memoryformer.models.registry import build_model_from_model_config, model_co
 from memoryformer.reporting import write_text_atomic
 from memoryformer.train.checkpoint import Checkpointer, check_finite_parameters, checkpoint_name
 from memoryformer.train.loop import (
+    BatchGeometry,
     build_optimization,
     collate,
     configure_deepspeed,
@@ -67,6 +68,10 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Training diverged: the loss or gradient norm stayed non-finite for ``train.max_nonfinite_steps`` steps."""
 
@@ -79,6 +84,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # every bad value reported before any work
+        BatchGeometry(cfg.train.global_batch, cfg.train.micro_batch, launched_world_size())  # likewise
         self.cfg, self.tc = cfg, cfg.train
         self.run_dir = resolve_run_dir(cfg)
         self.step = 0
