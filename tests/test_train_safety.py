@@ -121,6 +121,19 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_last_good_che
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
+def test_under_deepspeed_the_first_nonfinite_step_stops_the_run(tiny_train_overrides, monkeypatch):
+    """DeepSpeed's engine steps inside backward, so the update cannot be skipped: stop at once (the branch is
+    chosen by updates_inside_backward; real ZeRO runs are in tests/test_distributed.py)."""
+    from memoryformer.train import trainer
+
+    poisoned_loss(monkeypatch, bad_steps={2})
+    monkeypatch.setattr(trainer, "updates_inside_backward", lambda accelerator: True)
+    cfg = compose_config([*tiny_train_overrides, "train.max_steps=3", "train.checkpoint_every=1"])
+    with pytest.raises(NonFiniteTrainingError, match=r"at step 2.*DeepSpeed applied the update.*step-00000001"):
+        pretrain(cfg)
+    assert [p.name for p in complete_checkpoints(resolve_run_dir(cfg) / "checkpoints")] == [checkpoint_name(1)]
+
+
 def test_metrics_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path, caplog):
     assert strict_json({"step": 1, "loss": float("nan"), "g": float("inf")}) == '{"step": 1, "loss": null, "g": null}'
     path = tmp_path / "metrics.jsonl"
