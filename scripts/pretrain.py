@@ -2,6 +2,9 @@
 
 Ablation sweeps (spec §6): ``python scripts/pretrain.py -m +sweep=tau_k`` (conf/sweep/); in a multirun a failed
 run is recorded in its run directory and the sweep goes on (memoryformer.sweeps.pretrain_job).
+
+Exit status: 0 finished; 75 stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint (run the same command to
+resume; README "Scaling up"); 1 an error (a bad config fails before any work, naming the key).
 """
 
 import hydra

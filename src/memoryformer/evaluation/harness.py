@@ -191,6 +191,8 @@ def evaluate_checkpoint(
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
+    from memoryformer.train.checkpoint import check_finite_parameters
+
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of documents per task or None, got {limit!r}")
     # Fail early: the tasks and their files are checked before any model is loaded.
@@ -204,6 +206,7 @@ def evaluate_checkpoint(
     was_training = is_object and checkpoint.training  # HFLM switches the model to eval mode
     try:
         lm = build_lm(checkpoint if is_object else source, tokenizer, batch_size, device, revision)
+        check_finite_parameters(lm.model, f"model {model_name}")  # never score a diverged model (issue 12)
         results = simple_evaluate(
             model=lm,
             tasks=list(task_objects.values()),

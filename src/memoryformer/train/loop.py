@@ -1,36 +1,29 @@
-"""The pretraining loop (spec §4's recipe) on Accelerate: one code path from a laptop CPU to DeepSpeed ZeRO.
+"""One training step and what it needs (spec §4's recipe) on Accelerate: one code path from a laptop CPU to
+DeepSpeed ZeRO.
 
-Launch with plain ``python`` (one process), ``torchrun`` (multi-CPU over gloo, or DDP on GPUs) or
-``accelerate launch --config_file conf/accelerate/<setup>.yaml`` (multi-GPU, DeepSpeed, multi-node). Data position,
-optimizer, scheduler and RNG are all restored on ``train.resume=auto``; the step number alone fixes which samples
-come next (:func:`memoryformer.data.sample_indices`).
+The accelerator and batch geometry, the optimizer and schedule, :func:`train_step` (with its non-finite guard),
+validation and the greedy sample. The loop around them is :class:`memoryformer.train.trainer.Trainer`; the
+training benchmark (benchmarks/bench_training.py) runs the same :func:`train_step`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, parse_flag_from_env
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from memoryformer.data import PackedSamples, build_datasets, load_tokenizer, sample_indices
-from memoryformer.flops import model_flops_per_token
-from memoryformer.models.registry import build_model_from_model_config, model_config_from_config, recommended_lr
-from memoryformer.reporting import write_text_atomic
-from memoryformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from memoryformer.data import PackedSamples
 from memoryformer.train.optim import OptimizerSettings, build_optimizer, build_scheduler, clip_grad_norm
+from memoryformer.train.settings import learning_rates
 
 
 @dataclass(frozen=True)
@@ -120,13 +113,6 @@ def next_token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def learning_rates(cfg: DictConfig) -> tuple[float, float]:
-    """(peak, final) LR: ``train.lr`` / ``train.min_lr``, defaulting to the model's (spec §4 tables)."""
-    default_lr, default_min_lr = recommended_lr(cfg.model.name)
-    lr, min_lr = cfg.train.lr, cfg.train.min_lr
-    return (default_lr if lr is None else lr), (default_min_lr if min_lr is None else min_lr)
-
-
 def build_optimization(
     model: torch.nn.Module, cfg: DictConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -145,30 +131,57 @@ def build_optimization(
     return optimizer, build_scheduler(optimizer, tc.max_steps, warmup, lr, min_lr)
 
 
+class StepOutcome(NamedTuple):
+    """What :func:`train_step` did: this rank's mean micro-batch loss, the gradient norm before clipping (None
+    when the accelerator reports none), and whether the loss or gradient norm was non-finite on any rank."""
+
+    loss: torch.Tensor
+    grad_norm: float | None
+    nonfinite: bool
+
+
+def all_finite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> bool:
+    """Whether ``loss`` and ``grad_norm`` are finite on every rank (one tiny all-reduce: all ranks agree)."""
+    finite = bool(torch.isfinite(loss)) and (grad_norm is None or math.isfinite(float(grad_norm)))
+    flag = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == 0
+
+
+def updates_inside_backward(accelerator: Accelerator) -> bool:
+    """DeepSpeed's engine steps the optimizer inside ``backward``: a non-finite update cannot be skipped there."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def train_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     grad_clip: float,
-) -> tuple[torch.Tensor, float | None]:
+) -> StepOutcome:
     """One optimizer step over ``accelerator.gradient_accumulation_steps`` micro-batches, clipped.
 
-    Returns this rank's mean micro-batch loss and the gradient norm before clipping (None under DeepSpeed, which
-    clips inside its engine). The schedule is stepped by the caller.
+    Non-finite guard (issue 12; torchtitan checks at the same place): when the step's loss or gradient norm is
+    not finite on any rank, the optimizer step is skipped and the gradients dropped, as DeepSpeed's loss scaler
+    skips an overflowing fp16 step. Under DeepSpeed the engine has already stepped inside ``backward``
+    (:func:`updates_inside_backward`): the outcome still says ``nonfinite`` and the caller must stop. The
+    schedule is stepped by the caller.
     """
     step_loss = torch.zeros((), device=accelerator.device)
     grad_norm = None
+    nonfinite = False
     for inputs, targets in micro_batches:
         with accelerator.accumulate(model):
             loss = next_token_loss(model, inputs, targets)
             accelerator.backward(loss)
+            step_loss += loss.detach() / accelerator.gradient_accumulation_steps
             if accelerator.sync_gradients:
                 grad_norm = clip_gradients(accelerator, model, optimizer, grad_clip)
-            optimizer.step()
+                nonfinite = not all_finite(accelerator, step_loss, grad_norm)
+            if not nonfinite:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        step_loss += loss.detach() / accelerator.gradient_accumulation_steps
-    return step_loss, None if grad_norm is None else float(grad_norm)
+    return StepOutcome(step_loss, None if grad_norm is None else float(grad_norm), nonfinite)
 
 
 def clip_gradients(
@@ -230,16 +243,6 @@ def zero3_sharded(accelerator: Accelerator) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-def truncate_metrics(metrics_path: Path, last_step: int) -> None:
-    """Drop logged records after ``last_step`` (a resumed run logs those steps again)."""
-    if not metrics_path.is_file():
-        return
-    lines = metrics_path.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    if len(kept) != len(lines):
-        write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
-
-
 def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.run_name
 
@@ -253,136 +256,3 @@ def run_identity(cfg: DictConfig, geometry: BatchGeometry) -> dict[str, Any]:
         "global_batch": geometry.global_batch,
         "seed": cfg.seed,
     }
-
-
-def pretrain(cfg: DictConfig) -> Path:
-    """Train ``cfg.model`` on ``cfg.data`` with ``cfg.train``; returns the run directory.
-
-    The run directory holds ``checkpoints/``, the final Hugging Face model in ``model/`` (with its tokenizer),
-    ``config.yaml``, ``metrics.jsonl`` and, when evaluated, ``eval/``. ``<output_dir>/LATEST`` names its model.
-    """
-    tc = cfg.train
-    run_dir = resolve_run_dir(cfg)
-    model_config = model_config_from_config(cfg.model)  # a bad model config fails here, before any data work
-    accelerator, geometry = make_accelerator(tc, run_dir)
-    configure_deepspeed(accelerator, geometry, tc.grad_clip)
-    set_seed(cfg.seed)
-
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    train_samples, valid_samples = build_datasets(
-        cfg.data, tc.seq_len, cfg.seed, show_progress=accelerator.is_main_process
-    )
-    model = build_model_from_model_config(model_config)
-    optimizer, scheduler = build_optimization(model, cfg)
-    lr, min_lr = learning_rates(cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    identity = run_identity(cfg, geometry)
-    checkpoints_dir = run_dir / "checkpoints"
-    start_step = 0
-    if tc.resume != "never":
-        checkpoint = latest_checkpoint(checkpoints_dir) if tc.resume == "auto" else Path(tc.resume)
-        if checkpoint is not None:
-            start_step = load_checkpoint(accelerator, checkpoint, identity)["step"]
-            accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-
-    params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    flops_per_token = model_flops_per_token(accelerator.unwrap_model(model).config, tc.seq_len)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    if tc.tracker == "wandb":
-        tracker_config = {
-            **OmegaConf.to_container(cfg, resolve=True),
-            "parameters": params,
-            "flops_per_token": flops_per_token,
-        }
-        wandb_kwargs = {"name": tc.run_name, "dir": str(run_dir), "mode": tc.wandb.mode, "group": tc.wandb.group}
-        accelerator.init_trackers(tc.wandb.project, config=tracker_config, init_kwargs={"wandb": wandb_kwargs})
-    accelerator.print(
-        f"{cfg.model.name}: {params:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
-        f"{geometry.global_batch}×{tc.seq_len} tokens per step = {geometry.world_size} ranks × "
-        f"{geometry.accumulation_steps} micro-steps × {tc.micro_batch}; lr {lr:g} → {min_lr:g}"
-    )
-
-    device_peak = peak_tflops(tc.peak_tflops)
-    metrics_path = run_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        truncate_metrics(metrics_path, start_step)  # steps after the resumed checkpoint are about to be redone
-    tokens_per_step = geometry.global_batch * tc.seq_len
-    progress = tqdm(total=tc.max_steps, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    model.train()
-    tick = time.perf_counter()
-    for step in range(start_step, tc.max_steps):
-        micro_batches = (
-            collate(train_samples, indices, accelerator.device)
-            for indices in sample_indices(
-                step, geometry.global_batch, tc.micro_batch, accelerator.process_index, geometry.world_size
-            )
-        )
-        step_loss, grad_norm = train_step(accelerator, model, optimizer, micro_batches, tc.grad_clip)
-        scheduler.step()
-        done = step + 1
-        loss_value = accelerator.reduce(step_loss, "mean").item()
-        elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-        tflops = 3 * flops_per_token * tokens_per_step / elapsed / 1e12  # forward + backward ≈ 3× forward
-        record = {
-            "step": done,
-            "loss": loss_value,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens": done * tokens_per_step,
-            "tokens_per_s": tokens_per_step / elapsed,
-            "tflops": tflops,
-            "mfu": None if device_peak is None else tflops / (device_peak * geometry.world_size),
-            "grad_norm": grad_norm,
-        }
-        if done % tc.eval_every == 0 or done == tc.max_steps:
-            record["val_loss"] = validation_loss(accelerator, model, valid_samples, tc.eval_batches, tc.micro_batch)
-            record["val_ppl"] = math.exp(min(record["val_loss"], 50))
-            if tc.sample_tokens and accelerator.is_main_process and not zero3_sharded(accelerator):
-                text = greedy_sample(accelerator.unwrap_model(model), tokenizer, tc.sample_prompt, tc.sample_tokens)
-                progress.write(f"step {done} val_loss {record['val_loss']:.3f} sample: {tc.sample_prompt!r} → {text!r}")
-                record["sample"] = text
-        progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        progress.update(1)
-        if done % tc.log_every == 0 or "val_loss" in record:
-            accelerator.log({k: v for k, v in record.items() if k != "sample" and v is not None}, step=done)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-            save_checkpoint(accelerator, checkpoints_dir, done, {**identity, "step": done}, tc.keep_checkpoints)
-    progress.close()
-
-    model_dir = run_dir / "model"
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        save_final_model(unwrapped, tokenizer, model_dir, Path(tc.output_dir))
-    accelerator.wait_for_everyone()
-    if tc.eval_at_end and accelerator.is_main_process:
-        from memoryformer.evaluation import evaluate_checkpoint
-
-        results = evaluate_checkpoint(
-            unwrapped,
-            tokenizer=tokenizer,
-            tasks=list(cfg.eval.tasks),
-            limit=tc.eval_limit,
-            output_dir=run_dir / "eval",
-            data_dir=Path(cfg.eval.data_dir),
-            model_name=cfg.model.name,
-        )
-        accelerator.log({f"eval/{k}": v for k, v in results.get("summary", {}).items()}, step=tc.max_steps)
-    accelerator.end_training()
-    return run_dir
-
-
-def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path, output_dir: Path) -> None:
-    """Hugging Face format (config, safetensors, tokenizer), published atomically; LATEST points at it."""
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    tmp.rename(model_dir)
-    write_text_atomic(output_dir / "LATEST", f"{model_dir.resolve()}\n")
