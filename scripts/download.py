@@ -14,12 +14,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from memoryformer.cli import reports_user_errors
 from memoryformer.paths import cache_dir
 from memoryformer.sources import GROUPS, download
 
 DEFAULT_GROUPS = ("eval", "tokenizer", "sample")
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(

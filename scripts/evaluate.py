@@ -8,6 +8,7 @@ python scripts/evaluate.py checkpoint=EleutherAI/pythia-70m-deduped revision=ste
 import hydra
 from omegaconf import DictConfig
 
+from memoryformer.cli import reports_user_errors
 from memoryformer.config import register_resolvers
 from memoryformer.evaluation import check_eval_inputs, evaluate_checkpoint, latest_checkpoint
 from memoryformer.evaluation.tables import table_markdown
@@ -16,6 +17,7 @@ register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     for task, source in check_eval_inputs(cfg.eval).items():  # missing data fails here, before any model loads
         print(f"{task}: {source.record()}")

@@ -13,6 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from memoryformer.cli import reports_user_errors
 from memoryformer.config import register_resolvers
 from memoryformer.data import IndexedDataset, prepare_configured_corpus
 
@@ -20,6 +21,7 @@ register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="prepare_data", version_base="1.3")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     if not cfg.data.get("train_files"):

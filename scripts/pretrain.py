@@ -10,6 +10,7 @@ resume; README "Scaling up"); 1 an error (a bad config fails before any work, na
 import hydra
 from omegaconf import DictConfig
 
+from memoryformer.cli import reports_user_errors
 from memoryformer.config import register_resolvers
 from memoryformer.sweeps import pretrain_job, register_sweep_resolvers
 
@@ -18,6 +19,7 @@ register_sweep_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     pretrain_job(cfg)
 

@@ -6,6 +6,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from memoryformer.cli import reports_user_errors
 from memoryformer.config import register_resolvers
 from memoryformer.evaluation.harness import latest_checkpoint
 from memoryformer.models.decode import enable_compiled_decode, to_inference_dtype
@@ -15,6 +16,7 @@ register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else latest_checkpoint(cfg.runs_dir)
     model, tokenizer = load_for_inference(checkpoint)

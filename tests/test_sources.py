@@ -316,6 +316,7 @@ def test_scripts_stop_at_once_when_nothing_resolves(roots, tmp_path, script):
     assert done.returncode != 0
     assert "missing input" in done.stderr and "make download WHAT=" in done.stderr, done.stderr[-3000:]
     assert "MEMORYFORMER_DATA=" in done.stderr and "unset HF_HUB_OFFLINE" in done.stderr
+    assert "Traceback" not in done.stderr, "a user's mistake ends in its message (memoryformer.cli), not a traceback"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
     assert seconds < 120, f"{script} took {seconds:.0f} s to fail"
 

@@ -333,4 +333,5 @@ def test_a_bad_command_fails_at_once_and_hydra_leaves_no_outputs_folder(tmp_path
     )
     assert result.returncode == 1
     assert "train.lr=0: must be a positive number" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
     assert list(tmp_path.iterdir()) == [], "no outputs/<date>/<time>/, .hydra/ or log file left behind"
