@@ -321,6 +321,14 @@ def test_scripts_stop_at_once_when_nothing_resolves(roots, tmp_path, script):
     assert seconds < 120, f"{script} took {seconds:.0f} s to fail"
 
 
+def test_sample_without_any_run_says_what_to_do(tmp_path):
+    command = [sys.executable, str(PROJECT_ROOT / "scripts" / "sample.py"), f"runs_dir={tmp_path / 'runs'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: no trained model") and "make pretrain" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
 def test_make_sample_passes_any_prompt_through(tmp_path, monkeypatch):
     """`make sample PROMPT="The old man's dog"`: the quote reaches the script (via the environment) and its config."""
     from memoryformer.config import compose_config

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from memoryformer.data.indexed_dataset import IndexedDatasetError
 from memoryformer.data.pythia_pile import PileDownloadError
+from memoryformer.evaluation.harness import CheckpointNotFoundError
 from memoryformer.locks import LockHeldError
 from memoryformer.sources import MissingInputError
 from memoryformer.train.checkpoint import CheckpointError, NonFiniteModelError
@@ -29,6 +30,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     LockHeldError,
     RunDirectoryError,
     CheckpointError,
+    CheckpointNotFoundError,
     NonFiniteModelError,
     NonFiniteTrainingError,
     IndexedDatasetError,

@@ -37,17 +37,23 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """No model where the user pointed (or no run yet); the message says what to pass instead."""
+
+
 def latest_checkpoint(runs_dir: str | os.PathLike) -> Path:
     """The model directory of the newest ``make pretrain`` run, as recorded in ``<runs_dir>/LATEST``."""
     latest = Path(runs_dir) / LATEST_FILE
     if not latest.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"no trained model to evaluate: {latest} does not exist; run `make pretrain` first or pass "
             f"CKPT=<model directory or hub id>"
         )
     path = Path(latest.read_text(encoding="utf-8").strip())
     if not path.is_dir():
-        raise FileNotFoundError(f"{latest} names {path}, which does not exist; run `make pretrain` again or pass CKPT=")
+        raise CheckpointNotFoundError(
+            f"{latest} names {path}, which does not exist; run `make pretrain` again or pass CKPT="
+        )
     return path
 
 
@@ -56,17 +62,19 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
     path = Path(checkpoint).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"{path} is not a Hugging Face model directory (no config.json); pass the `model/` directory a "
                 f"run saved (runs/<run>/model) or any directory written by save_pretrained"
             )
         return str(path.resolve())
     if not _HUB_ID.match(str(checkpoint)):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass an existing model directory or a hub id")
+        raise CheckpointNotFoundError(
+            f"checkpoint {path} does not exist; pass an existing model directory or a hub id"
+        )
     from huggingface_hub import is_offline_mode
 
     if is_offline_mode():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"checkpoint {checkpoint!r} is not a local directory, and as a Hugging Face hub id it cannot be "
             f"fetched because HF_HUB_OFFLINE is set; unset it (online) or pass a local model directory"
         )
