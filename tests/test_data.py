@@ -6,8 +6,8 @@ import pickle
 import struct
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -444,24 +444,15 @@ def test_validation_windows_do_not_depend_on_the_seed(tmp_path, shared_data):
 def test_build_datasets_concurrent_callers_prepare_once(tmp_path, shared_data, monkeypatch):
     texts = [f"document {i}: " + "some words " * 50 for i in range(30)]
     cfg = text_config(tmp_path, shared_data, texts, valid_files=[], valid_fraction=0.3)
-    results, errors, preparations = [], [], []
+    preparations = []
     prepare = memoryformer.data.build.prepare_corpus
     monkeypatch.setattr(
         memoryformer.data.build, "prepare_corpus", lambda *a, **k: preparations.append(1) or prepare(*a, **k)
     )
-
-    def rank():
-        try:
-            results.append(build_datasets(cfg, seq_len=8, seed=0, show_progress=False))
-        except Exception as err:  # surfaced by the assertion below
-            errors.append(err)
-
-    threads = [threading.Thread(target=rank) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and len(results) == 3 and len(preparations) == 1  # one rank prepared, the others waited
+    with ThreadPoolExecutor(3) as ranks:  # .result() re-raises any rank's error
+        calls = [ranks.submit(build_datasets, cfg, seq_len=8, seed=0, show_progress=False) for _ in range(3)]
+        results = [call.result() for call in calls]
+    assert len(preparations) == 1  # one rank prepared, the others waited
     assert len([p for p in (tmp_path / "prepared").iterdir() if p.is_dir()]) == 1  # no leftover temporaries
     assert all(torch.equal(r[0][0], results[0][0][0]) for r in results)
     train_docs, valid_docs = (samples.dataset.num_documents for samples in results[0])

@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -150,20 +150,10 @@ def test_read_only_location_caches_in_the_user_cache(tmp_path, monkeypatch, coun
 
 def test_concurrent_openers_scan_once(tmp_path, count_scans):
     prefix = write_dataset(tmp_path / "ds", [[*range(1, 1000), 0]] * 50)
-    errors = []
-
-    def rank():
-        try:
-            IndexedDataset(prefix, vocab_size=VOCAB)
-        except Exception as err:  # surfaced by the assertion below
-            errors.append(err)
-
-    threads = [threading.Thread(target=rank) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and count_scans == [prefix]
+    with ThreadPoolExecutor(4) as ranks:  # .result() re-raises any rank's error
+        for call in [ranks.submit(IndexedDataset, prefix, vocab_size=VOCAB) for _ in range(4)]:
+            call.result()
+    assert count_scans == [prefix]
 
 
 def test_scan_reads_in_bounded_chunks(tmp_path, monkeypatch):
