@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -446,6 +447,58 @@ def test_trust_remote_code_load_in_a_fresh_process_without_the_package(saved_nan
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote code OK" in result.stdout
+
+
+TOKENIZER_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class BlockMemoryformer(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "memoryformer" or name.startswith("memoryformer."):
+                raise ImportError(f"loading the tokenizer imported {name}")
+
+    blocker = BlockMemoryformer()
+    sys.meta_path.insert(0, blocker)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    checkpoint = sys.argv[1]
+    ways = {
+        "PreTrainedTokenizerFast": lambda: PreTrainedTokenizerFast.from_pretrained(checkpoint),
+        "trust_remote_code=False": lambda: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False),
+        "trust_remote_code=True": lambda: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True),
+    }
+    for way, load in ways.items():
+        print(f"{way}: {load()('hello world').input_ids}")
+    sys.meta_path.remove(blocker)
+    import memoryformer.models  # registers the architecture: nothing remote left to ask about
+    print(f"package imported: {AutoTokenizer.from_pretrained(checkpoint)('hello world').input_ids}")
+    """
+)
+
+
+def test_saved_tokenizer_loads_without_a_remote_code_question(saved_nano, tmp_path):
+    """Issue 11: a checkpoint's tokenizer needs no custom code, but transformers reads config.json first and asks
+    about the custom architecture (as for any custom-code checkpoint). The README's four ways never ask, and all
+    give the same ids; stdin is closed, so a question would show in the output."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "hello": 1, "world": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    checkpoint = tmp_path / "model"
+    shutil.copytree(saved_nano[1], checkpoint)
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(checkpoint)
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_LOAD, str(checkpoint)],
+        stdin=subprocess.DEVNULL, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "custom code" not in result.stdout + result.stderr
+    ids = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": [" in line)
+    ways = ["PreTrainedTokenizerFast", "trust_remote_code=False", "trust_remote_code=True", "package imported"]
+    assert ids == dict.fromkeys(ways, "[1, 2]")
 
 
 # --- Hydra --------------------------------------------------------------------------------------------------------
