@@ -38,8 +38,9 @@ test-slow: setup  ## only the slow tests (distributed launches, real signals, wh
 test-all: setup  ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup  ## ruff
+lint: setup  ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check src tests scripts benchmarks
+	$(VENV)/bin/ruff format --check src tests scripts benchmarks
 
 flops: setup  ## Table 1 FLOPs rows, model sizes and Figure 1 into results/flops
 	$(PY) scripts/flops.py

@@ -4,21 +4,23 @@ python scripts/bucket_usage.py                                     # the newest 
 python scripts/bucket_usage.py runs/mf-nano-sample                  # a run directory (its model/) or a model dir
 python scripts/bucket_usage.py runs/x/model --layer 5 --text notes.txt --max-tokens 65536 --output-dir /tmp/b
 
-Text defaults to the shared held-out WikiText-2 test split. Writes bucket_usage_layer<L>.{json,csv,png} and the
-raw counts (bucket_counts_layer<L>.pt) into --output-dir (default: <run>/bucket_usage).
+Text defaults to the held-out WikiText-2 test split (the `heldout` input: a local copy, or `make download
+WHAT=heldout`). Writes bucket_usage_layer<L>.{json,csv,png} and the raw counts (bucket_counts_layer<L>.pt)
+into --output-dir (default: <run>/bucket_usage).
 """
 
 import argparse
 from pathlib import Path
 
+from memoryformer.cli import reports_user_errors
 from memoryformer.data import load_tokenizer
 from memoryformer.diagnostics import block_bucket_usage, text_batches, usage_report, write_bucket_usage
 from memoryformer.evaluation import latest_checkpoint
-from memoryformer.paths import PROJECT_ROOT, require_shared_data
+from memoryformer.paths import PROJECT_ROOT
+from memoryformer.sources import resolve
 
-DEFAULT_TEXT = "heldout/wikitext-2-raw-v1/test.txt"  # under the shared data directory
 
-
+@reports_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -26,7 +28,7 @@ def main() -> None:
     )
     parser.add_argument("--layer", type=int, default=0, help="block index (default 0)")
     parser.add_argument("--table", type=int, default=0, help="the table k drawn as bars (default 0)")
-    parser.add_argument("--text", type=Path, help=f"a UTF-8 text file (default: shared data {DEFAULT_TEXT})")
+    parser.add_argument("--text", type=Path, help="a UTF-8 text file (default: the held-out WikiText-2 test split)")
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -42,7 +44,7 @@ def main() -> None:
     if not (model_dir / "config.json").is_file():
         parser.error(f"{checkpoint} is neither a model directory (config.json) nor a run directory (model/)")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    text = (args.text or require_shared_data(DEFAULT_TEXT)).read_text(encoding="utf-8")
+    text = (args.text or resolve("heldout").path).read_text(encoding="utf-8")
     batches = text_batches(load_tokenizer(model_dir), text, args.seq_len, args.max_tokens, args.batch_size)
     usage = block_bucket_usage(model, batches, args.layer)
     output_dir = args.output_dir or model_dir.parent / "bucket_usage"

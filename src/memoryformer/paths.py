@@ -23,7 +23,7 @@ def _from_env(variable: str, default: Path) -> Path:
 
 
 def shared_data_dir() -> Path:
-    """The shared data directory (may not exist; callers that need it use :func:`require_shared_data`)."""
+    """The shared data directory (may not exist: inputs resolve through :mod:`memoryformer.sources`)."""
     return _from_env(DATA_ENV_VAR, PROJECT_ROOT.parent / "shared" / "data")
 
 
@@ -35,15 +35,3 @@ def cache_dir() -> Path:
 def data_roots() -> list[Path]:
     """The directories holding local copies of the inputs, in the order they are searched."""
     return [shared_data_dir(), cache_dir()]
-
-
-def require_shared_data(relative: str = "") -> Path:
-    """A path under the shared data directory, or a clear error saying how to point at it."""
-    path = shared_data_dir() / relative
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist. The shared data directory is {shared_data_dir()}; "
-            f"set {DATA_ENV_VAR}=/path/to/shared/data (see ../shared/data/SOURCES.md) or override the "
-            f"config value that names this path"
-        )
-    return path

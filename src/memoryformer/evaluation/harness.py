@@ -68,9 +68,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
             )
         return str(path.resolve())
     if not _HUB_ID.match(str(checkpoint)):
-        raise CheckpointNotFoundError(
-            f"checkpoint {path} does not exist; pass an existing model directory or a hub id"
-        )
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist; pass an existing model directory or a hub id")
     from huggingface_hub import is_offline_mode
 
     if is_offline_mode():
