@@ -138,6 +138,18 @@ def test_gradients_repeat_bit_for_bit():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("out_features", [520, 1024], ids=["masked-second-block", "two-even-blocks"])
+def test_table_gradient_across_feature_blocks(out_features):
+    """h wider than one table-gradient program: each feature block's program walks the tokens on its own (τ = 2:
+    every row repeats, often on consecutive tokens), and the result repeats bit for bit."""
+    assert triton_backend.triton.cdiv(out_features, triton_backend.backward_config(12, out_features).table_block_h) == 2
+    x, tables, bias = make_inputs(12, 2, 2, out_features, torch.float32, torch.float32, False)
+    assert_matches_reference(x, tables, bias, 2)
+    grad_y = torch.randn(12, out_features, device=DEVICE)
+    first, second = (lookup_and_grads(memory_lookup_triton, (x, tables), grad_y, None, 2)[1][1] for _ in range(2))
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 3])
 def test_decode_splits_chunks_across_programs(num_tokens):
     """Small N: the token block shrinks to N and the chunks are split across programs, then summed in order."""
