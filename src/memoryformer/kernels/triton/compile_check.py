@@ -13,8 +13,8 @@ hot loop (the backward branch around the most global loads) per pass and per 102
 feature): warp instructions × warps × 1024 / the terms of a pass. A pass is ``unroll`` source iterations when ptxas
 unrolled the loop (found from its one-iteration remainder loop); a source iteration handles BLOCK_N × BLOCK_H terms
 (a token tile), or BLOCK_H in ``table_grad_kernel``, which walks one token at a time. In forward a term is one
-gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make bench`` includes the report
-(section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
+gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make bench``
+includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
 
 Usage (``TRITON_INTERPRET`` must be unset or 0)::
 
