@@ -8,7 +8,7 @@ Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
   chunks are split across programs, the partial sums added in a fixed order afterwards.
 - Backward: ``grad_weights_kernel`` reads each grad_y tile once for all K chunks; ``grad_x_kernel`` applies ∂w/∂z;
   ``table_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in order, a token
-  at a time, each thread owning fixed features. No atomics, no barrier, no sort, no host sync (CUDA-graph
+  at a time, each thread owning fixed features (no barrier). No atomics, no sort, no host sync (CUDA-graph
   friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
 - Gathers in bf16/fp16: tables stored in half precision are gathered as stored; fp32 tables are gathered from a
   half copy when ``gather_dtype`` asks, which by default it does under CUDA autocast (the trainer's mixed

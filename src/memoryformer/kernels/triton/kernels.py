@@ -286,9 +286,10 @@ def table_grad_kernel(
     zero-initialised ACC buffer ``grad_tables`` and walks the tokens one at a time, in order: a scalar row and
     weight, a BLOCK_H vector of g_n, then read, add and write T[r, h-block]. Every feature of the block stays in
     one thread for the whole walk (one layout, no conversion: the kernel report shows no barrier or shared memory
-    in the loop), so each address of the slice is read and written by one thread only and program order alone
-    orders a row's updates: no same-row sums, no barrier, no atomics, no sort, no host sync, and the same bits on
-    every run (each row's sum in token order).
+    in the loop), so each address of the slice is written by one thread only, which reads it itself (in a block
+    narrower than the warp, replica threads read too but never write), and program order alone orders a row's
+    updates: no same-row sums, no barrier, no atomics, no sort, no host sync, and the same bits on every run (each
+    row's sum in token order).
 
     The next token's row, weight, g_n and slice row are loaded before this token's write (their latency overlaps
     one token's work); when the next token hits the same row, its prefetched slice row misses this token's update,
