@@ -45,11 +45,12 @@ def run_kernel_report(quick: bool) -> dict[str, Any]:
     return {"arch": ARCH, "quick": quick, "kernels": records, "roofline": roofline(instructions_per_kterm=issue)}
 
 
-def phase_cost(records: list[dict], implementation: str, phase: str, case: str, key="instructions_per_kterm") -> float:
-    """Hot-loop warp instructions per 1024 lookup terms of one phase, summed over its kernels (``key``:
-    ``"fast_path_per_kterm"`` for the loops' cheapest paths)."""
+def phase_cost(records: list[dict], implementation: str, phase: str, case: str) -> float:
+    """Hot-loop warp instructions per 1024 lookup terms of one phase, summed over its kernels."""
     return sum(
-        r[key] or 0 for r in records if (r["implementation"], r["phase"], r["case"]) == (implementation, phase, case)
+        r["instructions_per_kterm"] or 0
+        for r in records
+        if (r["implementation"], r["phase"], r["case"]) == (implementation, phase, case)
     )
 
 
@@ -83,7 +84,6 @@ def before_after_rows(records: list[dict]) -> list[dict]:
                 for impl in ("legacy", "new")
             }
             cost = {impl: phase_cost(records, impl, phase, case) for impl in sides}
-            fast = {impl: phase_cost(records, impl, phase, case, "fast_path_per_kterm") for impl in sides}
             rows.append({
                 "case": case,
                 "phase": phase,
@@ -91,7 +91,6 @@ def before_after_rows(records: list[dict]) -> list[dict]:
                 "after (triton)": _phase_summary(sides["new"]),
                 "instr/1k terms before → after": f"{cost['legacy']:.0f} → {cost['new']:.0f}",
                 "fewer ×": f"{cost['legacy'] / cost['new']:.1f}" if cost["new"] else None,
-                "after, fast path": f"{fast['new']:.0f}" if fast["new"] != cost["new"] else "",
             })  # fmt: skip
     return rows
 
@@ -107,9 +106,9 @@ def render_kernel_report(section: Mapping[str, Any]) -> list[str]:
         "(`python -m memoryformer.kernels.triton.compile_check`), before (backend `triton_legacy`) and after "
         "(`triton`, issue 16). Instr/1k terms = SASS instructions of each hot loop × warps per 1024 (token, chunk, "
         "feature) terms it handles, summed over the phase's kernels (in forward a term is one gathered value: "
-        "divide by 1024 × the table element size for instructions per gathered byte; the fast path skips the "
-        "table gradient's same-row sums in tiles where no row repeats). `hash_kernel` and "
-        "`grad_x_kernel` work per (token, chunk), not per term, and are listed without a loop.",
+        "divide by 1024 × the table element size for instructions per gathered byte; `table_grad_kernel` walks one "
+        "token, BLOCK_H terms, per iteration, and a loop ptxas unrolled counts all the iterations of a pass). "
+        "`hash_kernel` and `grad_x_kernel` work per (token, chunk), not per term, and are listed without a loop.",
         "",
         markdown_table(rows, list(rows[0])) if rows else "(no results)",
         "",

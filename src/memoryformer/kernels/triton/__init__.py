@@ -7,8 +7,9 @@ Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
   (fp64 for fp64 input) whatever the tables' dtype. At small N (decode) the token block shrinks to N and the
   chunks are split across programs, the partial sums added in a fixed order afterwards.
 - Backward: ``grad_weights_kernel`` reads each grad_y tile once for all K chunks; ``grad_x_kernel`` applies ∂w/∂z;
-  ``table_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in order. No
-  atomics, no sort, no host sync (CUDA-graph friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
+  ``table_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in order, a token
+  at a time, each thread owning fixed features (no barrier). No atomics, no sort, no host sync (CUDA-graph
+  friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
 - Gathers in bf16/fp16: tables stored in half precision are gathered as stored; fp32 tables are gathered from a
   half copy when ``gather_dtype`` asks, which by default it does under CUDA autocast (the trainer's mixed
   precision), the way autocast runs ``nn.Linear`` on a half copy of fp32 master weights. The copy is cached per
@@ -46,6 +47,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # this, chunks are split across programs. A constant, not a device query, so a launch is the same on any GPU.
 FILL_PROGRAMS = 512
 VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered row segment
+# table_grad_kernel's feature block: 2 warps × 32 threads × 8 fp32 values (two 128-bit loads of g_n and of the slice
+# row per token). 4 or 16 values per thread cost 176 or 166 warp instructions per 1k terms instead of 139 (sm_80;
+# ptxas unrolls the 4- and 8-value token loops 4×, not the 16-value one).
+TABLE_VALUES_PER_THREAD = 8
+TABLE_BLOCK_H = 512
 
 
 def triton_available() -> bool:
@@ -64,9 +70,9 @@ class ForwardConfig(NamedTuple):
 class BackwardConfig(NamedTuple):
     block_n: int  # tokens per grad_weights program
     block_h: int  # features per grad_weights program
-    block_t: int  # tokens per step of a table_grad program (≥ 16: a tl.dot operand)
+    num_warps: int  # grad_weights
     table_block_h: int  # features per table_grad program (it owns a 2^τ × table_block_h fp32 slice)
-    num_warps: int
+    table_num_warps: int  # table_grad: every thread owns table_block_h / (32 · warps) features of the slice
 
 
 def _feature_block(out_features: int, widest: int) -> int:
@@ -97,11 +103,14 @@ def forward_config(num_tokens: int, out_features: int, num_chunks: int) -> Forwa
 
 
 def backward_config(num_tokens: int, out_features: int) -> BackwardConfig:
-    """∂w tiles like the forward's; table-gradient steps of 16 tokens × 64 features (a 2^τ × 64 fp32 slice: 64 KB
-    at τ=8, 256 KB at τ=10; 16 features at τ=10 cost 1.6× the instructions per term, sm_80)."""
+    """∂w tiles like the forward's (sm_80: 32 × 128 is within 5% of 64 × 64, 64 × 128 and 16 × 256 per term);
+    table-gradient programs of up to TABLE_BLOCK_H features, TABLE_VALUES_PER_THREAD per thread (each owns a
+    2^τ × 512 fp32 slice: 512 KB at τ=8, 2 MB at τ=10)."""
     block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
     block_h = _feature_block(out_features, 128)
-    return BackwardConfig(block_n, block_h, 16, _feature_block(out_features, 64), _warps(block_n * block_h))
+    table_block_h = _feature_block(out_features, TABLE_BLOCK_H)
+    table_num_warps = max(1, table_block_h // (32 * TABLE_VALUES_PER_THREAD))
+    return BackwardConfig(block_n, block_h, _warps(block_n * block_h), table_block_h, table_num_warps)
 
 
 def check_lookup_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int) -> None:
@@ -224,11 +233,11 @@ def _backward(
         grid = (num_chunks, triton.cdiv(out_features, config.table_block_h))
         kernels.table_grad_kernel[grid](
             rows, weights, grad_y, grad_tables, num_tokens, out_features, grad_y.stride(0), grad_tables.stride(0),
-            BLOCK_T=config.block_t, BLOCK_H=config.table_block_h, ACC=accumulator,
-            INDEX=_index_type(rows, grad_y, grad_tables), BF16_DOT=not kernels.INTERPRETED,
-            # One stage: a software-pipelined prefetch of the slice rows would read them before the previous
-            # tile's stores land.
-            num_warps=_warps(config.block_t * config.table_block_h), num_stages=1,
+            BLOCK_H=config.table_block_h, EVEN_H=out_features % config.table_block_h == 0, ACC=accumulator,
+            INDEX=_index_type(rows, grad_y, grad_tables),
+            # One stage, as a guard: a software-pipelined load of a slice row ahead of the previous tokens' writes
+            # would read stale values (the kernel prefetches one token itself and carries a repeated row's value).
+            num_warps=config.table_num_warps, num_stages=1,
         )  # fmt: skip
     return grad_x, grad_tables.to(grad_tables_dtype)
 

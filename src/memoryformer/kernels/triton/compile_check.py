@@ -9,10 +9,12 @@ and disassembled with its ``nvdisasm``; nothing runs.
 
 The report (:func:`kernel_report`) gives per kernel: registers and spill bytes (``ptxas -v``), global loads by
 width (``LDG.E.128`` is a 128-bit vector), atomics (``RED``/``ATOM``), barriers, and the SASS instructions of the
-hot loop (the backward branch around the most global loads) per iteration and per 1024 lookup terms (token,
-chunk, feature): warp instructions × warps / terms per iteration. In forward a term is one gathered table value,
-so instructions per gathered byte = that / 1024 / the table element size. ``make bench`` includes the report
-(section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
+hot loop (the backward branch around the most global loads) per pass and per 1024 lookup terms (token, chunk,
+feature): warp instructions × warps × 1024 / the terms of a pass. A pass is ``unroll`` source iterations when ptxas
+unrolled the loop (found from its one-iteration remainder loop); a source iteration handles BLOCK_N × BLOCK_H terms
+(a token tile), or BLOCK_H in ``table_grad_kernel``, which walks one token at a time. In forward a term is one
+gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make bench``
+includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
 
 Usage (``TRITON_INTERPRET`` must be unset or 0)::
 
@@ -200,7 +202,7 @@ SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.+?)\s*;", re.MULTILIN
 
 def sass_counts(sass: str) -> dict[str, Any]:
     """Whole-kernel counts and the hot loop's (the backward branch whose body holds the most global loads), with
-    the instructions of its cheapest path when branches skip a block (the table gradient's no-repeat fast path)."""
+    the number of source iterations ptxas unrolled into it."""
     lines = sass.splitlines()
     instructions = [(i, m.group(1)) for i, line in enumerate(lines) if (m := SASS_INSTRUCTION.match(line))]
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
@@ -221,29 +223,20 @@ def sass_counts(sass: str) -> dict[str, Any]:
         target = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", op)
         return labels.get(target.group(1)) if target else None
 
-    def shortest_path(body: list[tuple[int, str]]) -> int:
-        """Instructions on the cheapest way through a loop body: forward branches may skip blocks (fast paths)."""
-        steps = {p: float("inf") for p, _ in body}
-        steps[body[0][0]] = 0
-        for index, (position, op) in enumerate(body[:-1]):
-            target = branch_target(op)
-            if target is not None and target > position:  # a forward branch: jump to the first instruction after
-                landing = next((p for p, _ in body if p > target), None)
-                if landing is not None:
-                    steps[landing] = min(steps[landing], steps[position] + 1)
-            if target is None or op.lstrip().startswith("@"):  # falls through unless unconditional
-                following = body[index + 1][0]
-                steps[following] = min(steps[following], steps[position] + 1)
-        return int(steps[body[-1][0]]) + 1
-
-    best: dict[str, int] | None = None
+    loops = []
     for position, op in instructions:
         target = branch_target(op)
         if target is not None and target < position:
             body = [(p, o) for p, o in instructions if target <= p <= position]
             loop = count([o for _, o in body])
-            if loop["global_loads"] and (best is None or loop["global_loads"] > best["global_loads"]):
-                best = loop | {"fast_path_instructions": shortest_path(body)}
+            if loop["global_loads"]:
+                loops.append(loop)
+    best = max(loops, key=lambda loop: loop["global_loads"], default=None)
+    if best is not None:
+        # ptxas unrolls a loop of unknown trip count into a body of several iterations plus a one-iteration
+        # remainder loop; every kernel here has one source loop, so the ratio of their loads is the unroll factor.
+        fewest = min(loop["global_loads"] for loop in loops)
+        best["unroll"] = best["global_loads"] // fewest if best["global_loads"] % fewest == 0 else 1
     return {"kernel": count([op for _, op in instructions]), "loop": best}
 
 
@@ -258,17 +251,16 @@ class KernelRecord:
     spill_bytes: int
     kernel_counts: dict
     loop_counts: dict | None
-    loop_terms: int | None  # (token, chunk, feature) terms a program handles per hot-loop iteration
+    loop_terms: int | None  # (token, chunk, feature) terms per pass of the hot loop (source iterations × unroll)
     instructions_per_kterm: float | None  # hot-loop (or, loop-free, whole-kernel) warp instructions per 1024 terms
-    fast_path_per_kterm: float | None  # the same along the loop's cheapest path (e.g. no repeated row in a tile)
 
 
 def loop_terms(launch: Launch) -> int | None:
-    """Lookup terms (token, chunk, feature) one program handles per iteration of its hot loop: the unit in which
-    kernels of different shapes compare (a term is one gathered table value in forward)."""
+    """Lookup terms (token, chunk, feature) one program handles per source iteration of its hot loop: the unit in
+    which kernels of different shapes compare (a term is one gathered table value in forward)."""
     bound = dict(zip(launch.kernel.arg_names, launch.args, strict=False)) | launch.kwargs
     if launch.kernel.__name__ == "table_grad_kernel":
-        return bound["BLOCK_T"] * bound["BLOCK_H"]
+        return bound["BLOCK_H"]  # one token per iteration (its chunk k fixed by the program)
     if launch.kernel.__name__ in ("hash_kernel", "grad_x_kernel", "segment_scatter_kernel"):
         return None  # per (token, chunk), not per term: no hot loop over table rows
     return bound["BLOCK_N"] * bound["BLOCK_H"]
@@ -299,12 +291,12 @@ def kernel_report(arch: int = 80, cases: list[Case] | None = None) -> list[Kerne
                 terms = loop_terms(launch)
                 # No loop (e.g. one chunk per program at decode, specialized away): the whole kernel is one step.
                 instructions = (counts["loop"] or counts["kernel"])["instructions"]
-                fast_path = (counts["loop"] or {}).get("fast_path_instructions", instructions)
+                if terms:  # a pass through the hot loop runs `unroll` source iterations
+                    terms *= (counts["loop"] or {}).get("unroll", 1)
                 per_kterm = round(instructions * num_warps * 1024 / terms, 1) if terms else None
-                fast_per_kterm = round(fast_path * num_warps * 1024 / terms, 1) if terms else None
                 records.append(KernelRecord(
                     implementation, case.name, phase, launch.kernel.__name__, num_warps, usage["registers"],
-                    usage["spill_bytes"], counts["kernel"], counts["loop"], terms, per_kterm, fast_per_kterm,
+                    usage["spill_bytes"], counts["kernel"], counts["loop"], terms, per_kterm,
                 ))  # fmt: skip
     return records
 

@@ -9,8 +9,9 @@ table rows k·2^τ + code) and ``weights`` [K, N]; every other kernel streams th
 - backward :func:`grad_weights_kernel`: ∂L/∂w_{n,k} = ⟨g_n, T[r_{n,k}]⟩ with each grad_y tile read once for all
   K chunks, as per-feature-block partial sums; :func:`grad_x_kernel` sums them in a fixed order and applies
   ∂w/∂z (re-hashing one chunk of x); :func:`table_grad_kernel`: one program per (chunk, feature block) owns that
-  chunk's 2^τ × BLOCK_H slice of ∂L/∂tables and walks the tokens in order, so no other program writes it: no
-  atomics, no sort, no host sync, the same bits every run.
+  chunk's 2^τ × BLOCK_H slice of ∂L/∂tables and walks the tokens one at a time, in order, each thread owning
+  fixed features of the slice, so no other program or thread writes what it reads: no atomics, no barrier, no
+  sort, no host sync, the same bits every run.
 
 Offsets are int32 (``INDEX``) unless a tensor has 2^31 elements or more: 64-bit address arithmetic per gathered
 row made the gather loop 163 SASS instructions instead of 126 (sm_80, 32 × 128 tile).
@@ -255,28 +256,12 @@ def grad_x_kernel(
 
 
 @triton.jit
-def _sum_same_rows(same_row, values, ACC: tl.constexpr, BF16_DOT: tl.constexpr):
-    """same_row [T, T] (0/1) @ values [T, BLOCK_H]: each token's sum over the tile's tokens sharing its row.
-
-    fp32 on tensor cores without losing bits: values = hi + mid + lo exactly, each part a bf16 (8 significant bits
-    each, 24 in all), and a 0/1 matrix times a bf16 is exact, so three bf16 products accumulated in fp32 give the
-    fp32 sums (to the accumulator's rounding), not the 8-bit TF32 or bf16 ones. fp64 uses FMA (exact IEEE).
-    BF16_DOT=False multiplies the same parts as fp32 operands (identical exact products): Triton's interpreter
-    gets bf16 operands of tl.dot wrong, and this keeps the split itself under test there.
-    """
-    if ACC == tl.float32:  # noqa: SIM300 (ACC is the constexpr argument, tl.float32 the constant)
-        ones = tl.where(same_row, 1.0, 0.0).to(tl.bfloat16)  # not bool.to(bf16): the interpreter makes that 0
-        hi = values.to(tl.bfloat16)
-        rest = values - hi.to(tl.float32)
-        mid = rest.to(tl.bfloat16)
-        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-        if not BF16_DOT:
-            ones, hi, mid, lo = ones.to(tl.float32), hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
-        summed = tl.dot(ones, hi, out_dtype=tl.float32)
-        summed = tl.dot(ones, mid, summed, out_dtype=tl.float32)
-        return tl.dot(ones, lo, summed, out_dtype=tl.float32)
+def _load_features(ptrs, mask_h, EVEN_H: tl.constexpr):
+    """A feature block; unmasked when BLOCK_H divides H (a masked load zero-fills its registers first)."""
+    if EVEN_H:
+        return tl.load(ptrs)
     else:
-        return tl.dot(same_row.to(ACC), values, input_precision="ieee", out_dtype=ACC)
+        return tl.load(ptrs, mask=mask_h, other=0.0)
 
 
 @triton.jit
@@ -289,47 +274,49 @@ def table_grad_kernel(
     H,
     stride_gn,
     stride_gtr,
-    BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
-    BF16_DOT: tl.constexpr,
 ):
     """∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r, for one (k, h-block).
 
     Grid: (K, cdiv(H, BLOCK_H)), chunks fastest so the K programs of one feature block stream the same grad_y
     columns through L2 together. The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
-    zero-initialised ACC buffer ``grad_tables`` (2^τ × BLOCK_H × 4 bytes, read and written through L1/L2: on chip as
-    far as the caches keep it, which only a GPU run can tell), and walks the tokens BLOCK_T at a time, in order.
-    Within a tile, tokens sharing a row (hot rows) are first summed by a [BLOCK_T, BLOCK_T] same-row matrix product
-    (:func:`_sum_same_rows`, on tensor cores; skipped when no row repeats in the tile), so only the row's first
-    token of the tile reads, adds and writes it: the stores of one tile never collide, and a barrier orders them
-    before the next tile's reads. Every sum has a fixed order: the result is the same bits on every run, with no
-    atomics, sort or host sync.
+    zero-initialised ACC buffer ``grad_tables`` and walks the tokens one at a time, in order: a scalar row and
+    weight, a BLOCK_H vector of g_n, then read, add and write T[r, h-block]. Every feature of the block stays in
+    one thread for the whole walk (one layout, no conversion: the kernel report shows no barrier or shared memory
+    in the loop), so each address of the slice is written by one thread only, which reads it itself (in a block
+    narrower than the warp, replica threads read too but never write), and program order alone orders a row's
+    updates: no same-row sums, no barrier, no atomics, no sort, no host sync, and the same bits on every run (each
+    row's sum in token order).
+
+    The next token's row, weight, g_n and slice row are loaded before this token's write (their latency overlaps
+    one token's work); when the next token hits the same row, its prefetched slice row misses this token's update,
+    so the value just computed is carried instead.
     """
     k = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    lanes = tl.arange(0, BLOCK_T)
-    for start in range(0, N, BLOCK_T):
-        offs_t = start + lanes
-        mask_t = offs_t < N
-        chunk_offset = k.to(INDEX) * N + offs_t
-        rows = tl.load(rows_ptr + chunk_offset, mask=mask_t, other=0)
-        w = tl.load(weights_ptr + chunk_offset, mask=mask_t, other=0.0)
-        g_ptrs = grad_y_ptr + offs_t.to(INDEX)[:, None] * stride_gn + offs_h[None, :]
-        g = tl.load(g_ptrs, mask=mask_t[:, None] & mask_h[None, :], other=0.0).to(ACC)
-        rows = tl.where(mask_t, rows, -1 - lanes)  # lanes past N share no row, with anyone
-        values = w[:, None] * g
-        same_row = rows[:, None] == rows[None, :]
-        first_lane = tl.min(tl.where(same_row, lanes[None, :], BLOCK_T), axis=1)
-        leads = first_lane == lanes
-        if tl.sum((~leads).to(tl.int32), axis=0) == 0:  # no row twice in the tile (the common case): no sums
-            summed = values
-        else:
-            summed = _sum_same_rows(same_row, values, ACC, BF16_DOT)
-        leads = leads & mask_t
-        slice_ptrs = grad_tables_ptr + rows.to(INDEX)[:, None] * stride_gtr + offs_h[None, :]
-        mask = leads[:, None] & mask_h[None, :]
-        tl.store(slice_ptrs, tl.load(slice_ptrs, mask=mask, other=0.0) + summed, mask=mask)
-        tl.debug_barrier()  # this tile's row writes land before the next tile's reads, which other threads may do
+    rows_ptr += k.to(INDEX) * N  # chunk k's tokens, contiguous
+    weights_ptr += k.to(INDEX) * N
+    slice_ptrs = grad_tables_ptr + offs_h
+    g_ptrs = grad_y_ptr + offs_h
+
+    row = tl.load(rows_ptr)
+    w = tl.load(weights_ptr)
+    g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
+    row_ptrs = slice_ptrs + row.to(INDEX) * stride_gtr
+    current = _load_features(row_ptrs, mask_h, EVEN_H)
+    for n in range(1, N):  # loads token n, writes token n − 1
+        next_row = tl.load(rows_ptr + n)
+        next_w = tl.load(weights_ptr + n)
+        g_ptrs += stride_gn
+        next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
+        next_row_ptrs = slice_ptrs + next_row.to(INDEX) * stride_gtr
+        next_slice = _load_features(next_row_ptrs, mask_h, EVEN_H)
+        updated = current + w * g
+        tl.store(row_ptrs, updated, mask=mask_h)
+        current = tl.where(next_row == row, updated, next_slice)
+        row, w, g, row_ptrs = next_row, next_w, next_g, next_row_ptrs
+    tl.store(row_ptrs, current + w * g, mask=mask_h)

@@ -12,12 +12,10 @@ Forward (``hash_kernel`` + ``gather_kernel``)
 Backward (``grad_weights_kernel`` + ``grad_x_kernel`` + ``table_grad_kernel``)
     - compulsory HBM bytes: grad_y once (N·h·4), rows/weights, x and grad_x, the fp32 table gradient written once
       (K·2^τ·h·4) plus its cast to the table dtype, and the touched table rows once more.
-    - gathered bytes: N·K·h·e_t again (∂L/∂w), and grad_y tiles once per chunk from L2 (N·h·4·K).
-    - FLOPs: 2·N·K·h for ∂L/∂w, and 3 × 2·N·K·h·BLOCK_T for the table gradient's per-tile same-row sums (three
-      bf16 [16, 16] × [16, 64] products per token tile, on tensor cores: the price of determinism without
-      atomics), against the dense bf16 tensor-core peak.
-    - not counted: each tile's read-modify-write of its rows' slice (≤ N·K·h·8 bytes), L2 traffic while the
-      programs' slices stay cached, HBM traffic when they do not — only a GPU run can tell which.
+    - gathered bytes (L2 → SM): N·K·h·e_t again (∂L/∂w), grad_y once per chunk (N·h·4·K: the K programs of a
+      feature block stream the same columns), and the table gradient's read-modify-write of one slice row per
+      (token, chunk) (N·K·h·8; a program's 2^τ × 512 fp32 slice, 512 KB at τ=8, is larger than L1, so L2).
+    - FLOPs: 2·N·K·h for ∂L/∂w and 2·N·K·h for the table gradient, plus ~30 per x element for ∂w/∂z.
 
 Time bound = max(compulsory bytes / HBM bandwidth, gathered bytes / L2 bandwidth, FLOPs / peak, hot-loop warp
 instructions / issue rate (from the kernel report, when given)), and the
@@ -64,7 +62,6 @@ class Gpu:
     name: str
     hbm_gbs: float  # datasheet HBM bandwidth, GB/s
     fp32_tflops: float  # datasheet non-tensor FP32 peak
-    tensor_tflops: float  # datasheet dense bf16 tensor-core peak
     sms: int
     boost_ghz: float
     launch_us: float = 4.0  # one kernel launch, eager (≈2 under a CUDA graph)
@@ -79,11 +76,10 @@ class Gpu:
 
 
 GPUS = {
-    "A100": Gpu("A100-SXM4-80GB", 2039.0, 19.5, 312.0, sms=108, boost_ghz=1.41),
-    "H100": Gpu("H100-SXM5-80GB", 3350.0, 67.0, 989.0, sms=132, boost_ghz=1.98),
+    "A100": Gpu("A100-SXM4-80GB", 2039.0, 19.5, sms=108, boost_ghz=1.41),
+    "H100": Gpu("H100-SXM5-80GB", 3350.0, 67.0, sms=132, boost_ghz=1.98),
 }
 TOKENS = (1, 2048, 16384)
-BLOCK_T = 16  # table_grad_kernel's token tile (BackwardConfig.block_t)
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,6 @@ class Traffic:
     flops: float  # on the FP32 pipes
     launches: int
     tokens: int
-    tensor_flops: float = 0.0  # on tensor cores
 
 
 def forward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_bytes: int = 4) -> Traffic:
@@ -116,9 +111,9 @@ def backward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x
         + table_grad * 2  # zero-fill and accumulate the fp32 gradient …
         + table_grad // 4 * table_bytes  # … and cast it to the table dtype
     )
-    gathered = n * k * h * table_bytes + n * k * h * 4
-    flops = 2 * n * k * h + 30 * n * k * tau
-    return Traffic(compulsory, gathered, flops, launches=5, tokens=n, tensor_flops=3 * 2 * n * k * h * BLOCK_T)
+    gathered = n * k * h * (table_bytes + 4 + 8)  # ∂w gathers, grad_y per chunk, table-gradient read + write
+    flops = 4 * n * k * h + 30 * n * k * tau
+    return Traffic(compulsory, gathered, flops, launches=5, tokens=n)
 
 
 def bound(traffic: Traffic, gpu: Gpu, terms_per_token: float = 0.0, instructions_per_kterm: float = 0.0) -> dict:
@@ -131,11 +126,10 @@ def bound(traffic: Traffic, gpu: Gpu, terms_per_token: float = 0.0, instructions
         "hbm": traffic.compulsory_bytes / (gpu.hbm_gbs * 1e3),
         "l2": traffic.gathered_bytes / (gpu.l2_gbs * 1e3),
         "fp32": traffic.flops / (gpu.fp32_tflops * 1e6),
-        "tensor": traffic.tensor_flops / (gpu.tensor_tflops * 1e6),
         "issue": traffic.tokens * terms_per_token * instructions_per_kterm / 1024 / gpu.warp_instructions_per_us,
         "launch": traffic.launches * gpu.launch_us,
     }
-    bandwidth_terms = {key: terms[key] for key in ("hbm", "l2", "fp32", "tensor", "issue")}
+    bandwidth_terms = {key: terms[key] for key in ("hbm", "l2", "fp32", "issue")}
     limiter = max(bandwidth_terms, key=bandwidth_terms.get)
     if terms["launch"] > bandwidth_terms[limiter]:
         limiter = "launch"
@@ -171,7 +165,7 @@ def roofline(
                         "h": shape.out_features, "tokens": n, "phase": phase, "gpu": GPUS[gpu].name,
                         "bytes_per_token": traffic.compulsory_bytes / n,
                         "gathered_bytes_per_token": traffic.gathered_bytes / n,
-                        "flops_per_token": (traffic.flops + traffic.tensor_flops) / n,
+                        "flops_per_token": traffic.flops / n,
                         **bound(traffic, GPUS[gpu], terms, issue.get(phase, 0.0)),
                     })  # fmt: skip
     return rows
