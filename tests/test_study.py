@@ -157,6 +157,21 @@ def test_failed_runs_are_recorded_reported_and_retried(tmp_path):
     assert (tmp_path / "report" / "study.csv").read_text().startswith("comparison,configuration,")
 
 
+def test_each_run_records_the_commit_it_ran_on(tmp_path, monkeypatch):
+    """The checkout can move while a long study runs: the ledger and the report name each run's own commit. A
+    study stopped before it reached a configuration still reports (`make study ARGS="--max-runs 2"`)."""
+    from memoryformer.sweeps import study as study_module
+
+    commits = iter(f"c{i:011d}" for i in range(100))
+    monkeypatch.setattr(study_module, "git_commit", lambda: next(commits))
+    study = tiny_study(tmp_path, FAKE_RECIPE, seeds=(1,))
+    run_study(study, launch=FakeTrainer(), max_runs=2)
+    assert [record["commit"] for record in read_ledger(study.output_dir)] == ["c00000000000", "c00000000001"]
+    markdown = write_study_report(study, "make study")["paths"]["markdown"].read_text()
+    assert "**Commit(s)**: c00000000000, c00000000001" in markdown
+    assert "seed 1 (not started)" in markdown  # mf-nano-e0, which the two runs did not reach, is listed, not averaged
+
+
 def test_a_run_trained_with_other_settings_is_refused_before_anything_trains(tmp_path):
     run_study(tiny_study(tmp_path, FAKE_RECIPE, seeds=(1,)), launch=FakeTrainer())
     changed = tiny_study(tmp_path, [*FAKE_RECIPE[:1], "train.max_steps=12", *FAKE_RECIPE[2:]], seeds=(1,))

@@ -92,16 +92,16 @@ def statistics_row(configuration: Configuration, previous: Configuration | None 
     loss = configuration.final("val_loss")
     acc = configuration.final_acc()
     example = configuration.example
-    final = example.final
+    final = example.final if configuration.done else {}
     row: dict[str, Any] = {
         "configuration": configuration.label,
         "seeds_done": len(configuration.done),
         "seeds": " ".join(str(run.seed) for run in configuration.done),
         "unfinished": "; ".join(configuration.unfinished) or None,
-        "steps": final.get("step") if configuration.done else None,
-        "tokens": final.get("tokens") if configuration.done else None,
-        "parameters": example.parameters,
-        "flops_per_token": example.flops_per_token,
+        "steps": final.get("step"),
+        "tokens": final.get("tokens"),
+        "parameters": example.parameters if example else None,
+        "flops_per_token": example.flops_per_token if example else None,
         "training_flops": example.training_flops(final["tokens"]) if configuration.done else None,
     }
     row |= _interval_columns("val_loss", loss)

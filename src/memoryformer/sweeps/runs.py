@@ -224,9 +224,10 @@ class Configuration:
         return listed + [f"seed {seed} (not started)" for seed in self.missing_seeds]
 
     @property
-    def example(self) -> Run:
-        """A run that shows the configuration's settings: a finished one if any."""
-        return (self.done or [run for run in self.runs if run.config is not None] or self.runs)[0]
+    def example(self) -> Run | None:
+        """A run that shows the configuration's settings: a finished one if any; None before any run started (a
+        study stopped before it reached this configuration)."""
+        return next(iter(self.done or [run for run in self.runs if run.config is not None] or self.runs), None)
 
     def final(self, key: str = "val_loss") -> Estimate | None:
         """The estimate of the final ``key`` over finished seeds; None if no seed finished."""

@@ -208,7 +208,7 @@ def run_study(
     plan = plan_study(study, extra_overrides)
     states = {planned.name: check_run_dir(planned) for planned in plan}  # every mismatch before any training
     launcher = shlex.split(study.launcher) if study.get("launcher") else [sys.executable]
-    ledger, commit, host = Path(study.output_dir) / LEDGER_FILE, git_commit(), machine()
+    ledger, host = Path(study.output_dir) / LEDGER_FILE, machine()
     outcome: dict[str, list[str]] = {"skipped": [], "trained": [], "failed": [], "left": []}
     for planned in plan:
         if states[planned.name] == "done":
@@ -224,7 +224,7 @@ def run_study(
             "seed": planned.seed,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "resumed": states[planned.name] != "new",
-            "commit": commit,
+            "commit": git_commit(),  # per run: the checkout may move while a long study runs
             "machine": host,
             "load_average": [round(x, 2) for x in os.getloadavg()],  # other jobs on the machine slow a run down
             "study_command": command,
