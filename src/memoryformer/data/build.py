@@ -20,14 +20,12 @@ directory that is renamed into place when complete, so a killed run never leaves
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +35,7 @@ from memoryformer.data.indexed_dataset import IndexedDataset
 from memoryformer.data.prepare import expand_sources, prepare_corpus
 from memoryformer.data.samples import PackedSamples
 from memoryformer.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from memoryformer.locks import exclusive
 
 if TYPE_CHECKING:
     from memoryformer.data.pythia_pile import PythiaOrderSamples
@@ -72,17 +71,6 @@ def corpus_key(cfg: Mapping[str, Any], tokenizer_hash: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _exclusive(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_configured_corpus(data_cfg: Mapping | DictConfig, show_progress: bool = True) -> Path:
     """The directory holding ``train`` and ``valid`` indexed datasets of a text-corpus config, prepared if missing."""
     cfg = _as_dict(data_cfg)
@@ -100,7 +88,7 @@ def prepare_configured_corpus(data_cfg: Mapping | DictConfig, show_progress: boo
     final = prepared_dir / f"{cfg['name']}-{key}"
     if (final / META_FILE).is_file():
         return final
-    with _exclusive(prepared_dir / f"{cfg['name']}-{key}.lock"):
+    with exclusive(prepared_dir / f"{cfg['name']}-{key}.lock"):
         if (final / META_FILE).is_file():  # another process prepared it while this one waited
             return final
         logger.info("preparing data config %r into %s (first use)", cfg["name"], final)
