@@ -13,9 +13,11 @@ import argparse
 import shlex
 import sys
 
-from memoryformer.sweeps.study import load_study, run_study, write_study_report
+from memoryformer.cli import reports_user_errors
+from memoryformer.sweeps.study import check_study_inputs, load_study, run_study, write_study_report
 
 
+@reports_user_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help="conf/study/<preset>.yaml, or a YAML path (default cpu)")
@@ -27,6 +29,7 @@ def main() -> int:
     command = shlex.join(["python", "scripts/study.py", *sys.argv[1:]])
     study = load_study(args.preset, args.set)
     if not args.report_only:
+        check_study_inputs(study, args.overrides)
         outcome = run_study(study, args.overrides, args.max_runs, command)
         print({key: len(names) for key, names in outcome.items()})
     report = write_study_report(study, command, args.overrides)

@@ -18,6 +18,7 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from memoryformer.cli import USER_ERRORS
 from memoryformer.evaluation import (
     PAPER_TASKS,
     TASKS,
@@ -33,6 +34,7 @@ from memoryformer.evaluation import (
     write_task_yamls,
 )
 from memoryformer.evaluation.harness import default_model_name, default_output_dir
+from memoryformer.evaluation.tables import InvalidResultsError, ResultsNotFoundError
 from memoryformer.evaluation.tasks import builtin_task_yaml
 from memoryformer.paths import PROJECT_ROOT
 from memoryformer.sources import MissingInputError
@@ -355,6 +357,13 @@ def test_make_tables_merges_results_with_paper_rows_adjacent(tmp_path):
     assert "| mf-nano | 6 | 512 | 6.44 | 10.74 | 0.600 ± 0.010 |  | 0.400 ± 0.010 |" in markdown
     with pytest.raises(FileNotFoundError, match="make eval"):
         make_tables([tmp_path / "missing"], tmp_path)
+    # What `make tables` meets with nothing evaluated yet, or a stray file: user errors (one line, no traceback)
+    with pytest.raises(ResultsNotFoundError, match=r"make eval.*RESULTS=") as nothing:
+        make_tables([], tmp_path)
+    (tmp_path / "stray.json").write_text("{}")
+    with pytest.raises(InvalidResultsError, match="not a results file") as stray:
+        make_tables([tmp_path / "stray.json"], tmp_path)
+    assert isinstance(nothing.value, USER_ERRORS) and isinstance(stray.value, USER_ERRORS)
 
 
 def test_paper_rows():

@@ -19,6 +19,7 @@ import pytest
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from memoryformer import sources
+from memoryformer.cli import USER_ERRORS
 from memoryformer.evaluation import TASKS
 from memoryformer.evaluation.tasks import builtin_task_yaml
 from memoryformer.paths import PROJECT_ROOT
@@ -293,10 +294,13 @@ def test_run_inputs_checked_at_once_in_one_message(roots):
 
 
 def test_download_refuses_offline_and_unknown_groups(roots):
-    with pytest.raises(OSError, match="needs the hub, but it is offline"):
+    with pytest.raises(OSError, match="needs the hub, but it is offline") as offline:
         download(["eval"])
-    with pytest.raises(ValueError, match=r"unknown download group\(s\) \['evals'\]"):
+    with pytest.raises(ValueError, match=r"unknown download group\(s\) \['evals'\]") as unknown:
         download(["evals"])
+    assert isinstance(offline.value, USER_ERRORS) and isinstance(
+        unknown.value, USER_ERRORS
+    )  # `make download`: no traceback
 
 
 # --- the entry points stop within seconds, naming the ways out ----------------------------------------------------

@@ -14,11 +14,14 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
+from memoryformer.cli import USER_ERRORS
 from memoryformer.config import compose_config
-from memoryformer.paths import PROJECT_ROOT
+from memoryformer.paths import PROJECT_ROOT, shared_data_dir
+from memoryformer.sources import MissingInputError
 from memoryformer.sweeps import FAILED_FILE
 from memoryformer.sweeps.study import (
     StudyError,
+    check_study_inputs,
     load_study,
     plan_study,
     read_ledger,
@@ -170,6 +173,22 @@ def test_each_run_records_the_commit_it_ran_on(tmp_path, monkeypatch):
     markdown = write_study_report(study, "make study")["paths"]["markdown"].read_text()
     assert "**Commit(s)**: c00000000000, c00000000001" in markdown
     assert "seed 1 (not started)" in markdown  # mf-nano-e0, which the two runs did not reach, is listed, not averaged
+
+
+def test_missing_inputs_stop_the_study_before_any_run(tmp_path, monkeypatch):
+    """Offline with no local data, `make study` stops with the one message a run would give, before launching
+    any of its runs (which would otherwise each fail alike); with the inputs present it passes."""
+    study = tiny_study(tmp_path, FAKE_RECIPE, seeds=(1,))
+    if shared_data_dir().is_dir():
+        check_study_inputs(study)
+    for variable, directory in (("MEMORYFORMER_DATA", "data"), ("MEMORYFORMER_CACHE", "cache")):
+        (tmp_path / directory).mkdir()
+        monkeypatch.setenv(variable, str(tmp_path / directory))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingInputError, match=r"(?s)tokenizer.*ways out") as missing:
+        check_study_inputs(study)
+    assert isinstance(missing.value, USER_ERRORS)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_trained_with_other_settings_is_refused_before_anything_trains(tmp_path):

@@ -17,8 +17,10 @@ from typing import TypeVar
 from memoryformer.data.indexed_dataset import IndexedDatasetError
 from memoryformer.data.pythia_pile import PileDownloadError
 from memoryformer.evaluation.harness import CheckpointNotFoundError
+from memoryformer.evaluation.tables import InvalidResultsError, ResultsNotFoundError
 from memoryformer.locks import LockHeldError
-from memoryformer.sources import MissingInputError
+from memoryformer.sources import HubOfflineError, MissingInputError, UnknownDownloadGroupError
+from memoryformer.sweeps.study import StudyError
 from memoryformer.train.checkpoint import CheckpointError, NonFiniteModelError
 from memoryformer.train.run_dir import RunDirectoryError
 from memoryformer.train.settings import ConfigError
@@ -26,15 +28,20 @@ from memoryformer.train.trainer import NonFiniteTrainingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     MissingInputError,
+    HubOfflineError,
+    UnknownDownloadGroupError,
     ConfigError,
     LockHeldError,
     RunDirectoryError,
     CheckpointError,
     CheckpointNotFoundError,
+    ResultsNotFoundError,
+    InvalidResultsError,
     NonFiniteModelError,
     NonFiniteTrainingError,
     IndexedDatasetError,
     PileDownloadError,
+    StudyError,
 )
 ERROR_EXIT_CODE = 1
 

@@ -89,6 +89,14 @@ class Resolved:
         return f"{self.origin}: {self.detail}"
 
 
+class HubOfflineError(OSError):
+    """The hub is needed (``make download``) but switched off by an offline variable; the message names them."""
+
+
+class UnknownDownloadGroupError(ValueError):
+    """``make download WHAT=...`` names a group the catalogue does not have; the message lists the groups."""
+
+
 class MissingInputError(FileNotFoundError):
     """No source of an input could be used; the message names every way out.
 
@@ -468,9 +476,12 @@ def download(groups: Iterable[str], root: Path | None = None, revision: str | No
     groups = list(groups)
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
-        raise ValueError(f"unknown download group(s) {unknown}; choose from {list(GROUPS)}")
+        raise UnknownDownloadGroupError(f"unknown download group(s) {unknown}; choose from {list(GROUPS)}")
     if hub_offline():
-        raise OSError(f"`make download` needs the hub, but it is offline ({', '.join(OFFLINE_ENV_VARS)})")
+        raise HubOfflineError(
+            f"`make download` needs the hub, but it is offline ({', '.join(OFFLINE_ENV_VARS)}): unset them to "
+            f"download, or run it on a machine with internet and copy its data/cache/ here"
+        )
     entries = [e for e in _INPUTS if e.group in groups and e.hub is not None]
     return [download_input(entry, root, revision) for entry in entries]
 

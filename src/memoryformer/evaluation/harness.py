@@ -46,7 +46,7 @@ def latest_checkpoint(runs_dir: str | os.PathLike) -> Path:
     latest = Path(runs_dir) / LATEST_FILE
     if not latest.is_file():
         raise CheckpointNotFoundError(
-            f"no trained model to evaluate: {latest} does not exist; run `make pretrain` first or pass "
+            f"no trained model yet: {latest} does not exist; run `make pretrain` first or pass "
             f"CKPT=<model directory or hub id>"
         )
     path = Path(latest.read_text(encoding="utf-8").strip())

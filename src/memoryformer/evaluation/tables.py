@@ -159,15 +159,25 @@ def write_tables(all_results: Iterable[Mapping[str, Any]], output_dir: str | os.
     }
 
 
+class ResultsNotFoundError(FileNotFoundError):
+    """No evaluation results where `make tables` looked; the message says how to produce or name them."""
+
+
+class InvalidResultsError(ValueError):
+    """A file given to `make tables` that `make eval` did not write."""
+
+
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
     """A results file written by ``evaluate_checkpoint`` (or the directory holding ``results.json``)."""
     path = Path(path)
     file = path / RESULTS_FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no evaluation results at {file}; run `make eval` first or pass existing files")
+        raise ResultsNotFoundError(f"no evaluation results at {file}; run `make eval` first or pass existing files")
     results = json.loads(file.read_text(encoding="utf-8"))
     if "model_info" not in results or "results" not in results:
-        raise ValueError(f"{file} is not a results file written by `make eval` (no 'model_info'/'results' keys)")
+        raise InvalidResultsError(
+            f"{file} is not a results file written by `make eval` (no 'model_info'/'results' keys)"
+        )
     return results
 
 
@@ -182,5 +192,8 @@ def make_tables(result_files: Iterable[str | os.PathLike], output_dir: str | os.
     """Merge any number of result files (or directories holding ``results.json``) into one Table 1."""
     result_files = list(result_files)
     if not result_files:
-        raise ValueError("no result files given; evaluate a checkpoint with `make eval` first")
+        raise ResultsNotFoundError(
+            "no evaluation results found or given; evaluate a checkpoint with `make eval` first (results go to "
+            "runs/<run>/eval/) or name them: make tables RESULTS=a,b"
+        )
     return write_tables([read_results(path) for path in result_files], output_dir)

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from memoryformer.config import CONF_DIR, compose_config, register_resolvers
+from memoryformer.config import CONF_DIR, check_run_inputs, compose_config, register_resolvers
 from memoryformer.paths import PROJECT_ROOT
 from memoryformer.reporting import markdown_table, plot_learning_curves, write_csv_atomic, write_text_atomic
 from memoryformer.sweeps.compare import LEGEND, STAT_COLUMNS, comparison_markdown, learning_curves, statistics_rows
@@ -136,6 +136,14 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
         elif x != y:
             out.append(f"{prefix}{key}: {y!r} → {x!r}")
     return out
+
+
+def check_study_inputs(study: DictConfig, extra_overrides: Sequence[str] = ()) -> None:
+    """Before any run starts: the inputs of every configuration resolve, or the one
+    :class:`~memoryformer.sources.MissingInputError` a run would stop with. Every run of a configuration reads the
+    same inputs, so a missing one would otherwise fail all of them alike, one process after another."""
+    for planned in {run.configuration: run for run in plan_study(study, extra_overrides)}.values():
+        check_run_inputs(compose_config(list(planned.overrides)))
 
 
 # --- running it ----------------------------------------------------------------------------------------------
