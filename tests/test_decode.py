@@ -1,9 +1,11 @@
-"""Fast CPU inference (models/decode.py, issue 15): bf16 tables, static-cache + compiled decode, its fallback."""
+"""Fast CPU inference (issue 15): bf16 tables, the fused block decode and its in-place KV cache, static-cache +
+compiled decode, and their fallbacks."""
 
 import copy
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
 
 from memoryformer.kernels.cpu import cpu_kernel_available
 from memoryformer.layers import MemoryLayer
@@ -14,6 +16,7 @@ from memoryformer.models.decode import (
     parse_dtype,
     to_inference_dtype,
 )
+from memoryformer.models.kv_cache import InPlaceKVCache
 
 # MemoryFormer shapes of several kinds: (d, heads, layers, τ, expand bits); vocab 512 keeps them ~1M parameters.
 SHAPES = [(64, 2, 2, 8, 2), (32, 4, 1, 4, 1), (48, 3, 2, 6, 0)]
@@ -172,3 +175,209 @@ def test_compiled_decode_gives_eager_tokens_and_logits(name, shape):
         assert torch.equal(compiled_tokens, tokens) and torch.equal(compiled_tokens, no_cache_tokens)
         torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
     assert hasattr(model, "_compiled_call")  # generate took the compiled path
+
+
+# --- fused block decode and the in-place KV cache ---------------------------------------------------------------
+
+needs_cpu_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason="the fused CPU kernel did not build here")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts calls of the fused block operator (through the name the modeling code calls)."""
+    from memoryformer.models import modeling_memoryformer
+
+    calls = []
+    fused = modeling_memoryformer.memory_block_decode_cpu
+
+    def spy(**arguments):
+        calls.append(arguments["length"])
+        return fused(**arguments)
+
+    monkeypatch.setattr(modeling_memoryformer, "memory_block_decode_cpu", spy)
+    return calls
+
+
+def module_path_greedy(model, prompt, **kwargs):
+    """The same greedy decode through the modules: transformers' DynamicCache never takes the fused path."""
+    return greedy(model, prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
+
+
+VARIANTS = {
+    "paper score, gelu": {"score": "paper", "temperature": 0.5, "memory_block_activation": "gelu"},
+    "l1 score": {},
+}
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fused_block_decode_gives_the_modules_tokens_and_logits(shape, variant, fused_calls):
+    """generate()'s default decode runs each block as one fused operator, with the module path's greedy tokens and
+    logits within fp32 tolerance, for MemoryFormer shapes of several kinds (τ 4/6/8, e 0–2, head_dim 8–32)."""
+    torch.manual_seed(0)
+    d, heads, layers, tau, expand = shape
+    model = build_model(
+        "mf-nano",
+        hidden_size=d,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        vocab_size=VOCAB,
+        tau=tau,
+        expand_bits=expand,
+        **VARIANTS[variant],
+    ).eval()
+    prompt = torch.randint(VOCAB, (1, 7))
+    tokens, logits = greedy(model, prompt, new_tokens=8)
+    assert fused_calls == [length for length in range(7, 14) for _ in range(layers)]  # 7 decode steps, every block
+    fused_calls.clear()
+    module_tokens, module_logits = module_path_greedy(model, prompt, new_tokens=8)
+    assert not fused_calls
+    assert torch.equal(tokens, module_tokens)
+    torch.testing.assert_close(logits, module_logits, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("tables", ["fp32", "bf16"])
+def test_fused_block_step_matches_the_float64_block(tables):
+    """One decode step of one block, fused in fp32, against the module path in float64 (the same tables, bf16 ones
+    widened exactly): output and the cached keys and values."""
+    from memoryformer.models.kv_cache import InPlaceKVCache
+    from memoryformer.models.modeling_memoryformer import MemoryFormerBlock
+
+    torch.manual_seed(0)
+    model = to_inference_dtype(tiny(shape=SHAPES[0]), tables)
+    block, rotary = model.model.layers[0], model.model.rotary_emb
+    reference = copy.deepcopy(block).double()
+    assert isinstance(block, MemoryFormerBlock)
+    prompt, token = torch.randn(1, 9, SHAPES[0][0]), torch.randn(1, 1, SHAPES[0][0])
+    fused_cache, reference_cache = InPlaceKVCache(model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        block(prompt, rotary(prompt, torch.arange(9)[None]), past_key_values=fused_cache)
+        reference(prompt.double(), rotary(prompt.double(), torch.arange(9)[None]), past_key_values=reference_cache)
+        assert block.fused_decode_applies(token, None, fused_cache)
+        position = torch.tensor([[9]])
+        out = block(token, rotary(token, position), past_key_values=fused_cache)
+        expected = reference(token.double(), rotary(token.double(), position), past_key_values=reference_cache)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    assert fused_cache.get_seq_length() == reference_cache.get_seq_length() == 10
+    for fused_layer, reference_layer in zip(fused_cache.layers[:1], reference_cache.layers[:1], strict=True):
+        torch.testing.assert_close(fused_layer.keys.double(), reference_layer.keys, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(fused_layer.values.double(), reference_layer.values, atol=2e-5, rtol=1e-5)
+
+
+@needs_cpu_kernel
+def test_fused_decode_is_skipped_where_it_does_not_apply(fused_calls, monkeypatch):
+    """Padding (a mask), autograd and another lookup backend run the modules, with the same tokens."""
+    from memoryformer.models import modeling_memoryformer
+
+    torch.manual_seed(0)
+    model = tiny()
+    prompts = torch.randint(1, VOCAB, (2, 6))
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0  # left padding: the batch needs a mask at every step
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "attention_mask": mask}
+    padded = model.generate(prompts, **kwargs)
+    assert not fused_calls
+    assert torch.equal(padded, model.generate(prompts, past_key_values=DynamicCache(config=model.config), **kwargs))
+
+    block, token = model.model.layers[0], torch.randn(1, 1, SHAPES[0][0])
+    cache = InPlaceKVCache(model.config)
+    assert not block.fused_decode_applies(token, None, cache)  # grad mode is on outside generate
+    with torch.no_grad():
+        assert block.fused_decode_applies(token, None, cache)
+        assert not block.fused_decode_applies(token.double(), None, cache)
+        assert not block.fused_decode_applies(token, None, DynamicCache(config=model.config))
+        monkeypatch.setattr(modeling_memoryformer, "resolve_backend", lambda backend, device: "embedding_bag")
+        assert not block.fused_decode_applies(token, None, cache)
+
+
+@needs_cpu_kernel
+def test_fused_operator_refuses_a_cache_without_room():
+    from memoryformer.kernels.cpu import memory_block_decode_cpu
+
+    torch.manual_seed(0)
+    block = tiny().model.layers[0]
+    d, heads = SHAPES[0][0], SHAPES[0][1]
+    full = torch.zeros(1, heads, 4, d // heads)
+    with pytest.raises(ValueError, match="no room at position 4"):
+        memory_block_decode_cpu(
+            hidden=torch.randn(1, 1, d),
+            attention_norm_scale=block.attention_norm.scale,
+            rms_norm_eps=1e-8,
+            qkv_tables=block.attention.qkv.tables,
+            qkv_bias=block.attention.qkv.bias,
+            tau=block.attention.qkv.tau,
+            cos=torch.ones(1, 1, 8),
+            sin=torch.zeros(1, 1, 8),
+            key_cache=full,
+            value_cache=full.clone(),
+            length=4,
+            num_heads=heads,
+            scaling=1.0,
+            memory_block_norm_scale=block.memory_block_norm.scale,
+            ml1_tables=block.memory_block.ml1.tables,
+            ml1_bias=block.memory_block.ml1.bias,
+            gelu=False,
+            layer_norm_weight=block.memory_block.norm.weight,
+            layer_norm_bias=block.memory_block.norm.bias,
+            layer_norm_eps=1e-5,
+            ml2_tables=block.memory_block.ml2.tables,
+            ml2_bias=block.memory_block.ml2.bias,
+            ml2_tau=block.memory_block.ml2.tau,
+            score="l1",
+            temperature=1.0,
+        )
+
+
+def test_in_place_cache_holds_what_dynamic_cache_holds(monkeypatch):
+    """Appends (past its capacity), crop, batch selection, beam reordering and reset, against DynamicCache."""
+    from memoryformer.models import kv_cache
+
+    monkeypatch.setattr(kv_cache, "MIN_CAPACITY", 4)  # so that a few appends outgrow the buffer
+    torch.manual_seed(0)
+    in_place, dynamic = kv_cache.InPlaceKVCache(), DynamicCache()
+
+    def same() -> None:
+        assert in_place.get_seq_length() == dynamic.get_seq_length()
+        for mine, theirs in zip(in_place.layers, dynamic.layers, strict=True):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+    def append(tokens: int) -> None:
+        k, v = torch.randn(3, 2, tokens, 8), torch.randn(3, 2, tokens, 8)
+        outputs = in_place.update(k, v, 0), dynamic.update(k, v, 0)
+        for mine, theirs in zip(*outputs, strict=True):
+            assert torch.equal(mine, theirs)
+
+    append(3)
+    buffer = in_place.layers[0].key_buffer
+    append(1)
+    assert in_place.layers[0].key_buffer is buffer  # appended in place
+    append(5)  # outgrows the capacity: a new buffer, the old contents kept
+    assert in_place.layers[0].key_buffer is not buffer
+    same()
+    in_place.crop(-2), dynamic.crop(-2)
+    same()
+    append(1)
+    same()
+    beams = torch.tensor([2, 0, 0])
+    in_place.reorder_cache(beams), dynamic.reorder_cache(beams)
+    append(2)
+    same()
+    in_place.batch_select_indices(torch.tensor([1])), dynamic.batch_select_indices(torch.tensor([1]))
+    same()
+    in_place.reset(), dynamic.reset()
+    assert in_place.get_seq_length() == 0
+    k = torch.randn(1, 2, 3, 8)
+    assert torch.equal(in_place.update(k, k, 0)[0], k)
+
+
+def test_pythia_decodes_the_same_with_the_in_place_cache():
+    """The in-place cache is common machinery: the baseline gives DynamicCache's tokens and logits with it."""
+    torch.manual_seed(0)
+    model = tiny("pythia-14m")
+    prompt = torch.randint(VOCAB, (1, 7))
+    tokens, logits = module_path_greedy(model, prompt)
+    in_place_tokens, in_place_logits = greedy(model, prompt, past_key_values=InPlaceKVCache(model.config))
+    assert torch.equal(in_place_tokens, tokens)
+    torch.testing.assert_close(in_place_logits, logits, atol=1e-6, rtol=1e-6)

@@ -2,7 +2,9 @@
 
 ``csrc/memory_lookup.cpp`` registers two operators in the ``memoryformer`` torch.library namespace:
 ``memory_lookup_cpu`` (hash + score + gather + bias in one OpenMP pass over the tokens, with its autograd in C++)
-and ``memory_lookup_cpu_backward`` (grad_x from a recomputed hash, dense grad_tables in the tables' dtype). This
+and ``memory_lookup_cpu_backward`` (grad_x from a recomputed hash, dense grad_tables in the tables' dtype);
+``csrc/block_decode.cpp`` registers ``memory_block_decode`` (a whole MemoryFormer block for one new token, the
+decode fast path of issue 15); both share the row arithmetic of ``csrc/lookup_math.h``. This
 module compiles them with ``torch.utils.cpp_extension`` the first time they are needed (never at import) into
 ``$MEMORYFORMER_CACHE/kernels`` (default ``~/.cache/memoryformer/kernels``), in a directory keyed by everything
 the binary depends on: source, flags, compiler, torch and Python versions, and the CPU (the build uses
@@ -29,7 +31,9 @@ from memoryformer.layers.hashing import Score
 logger = logging.getLogger(__name__)
 
 _CACHE_ENV_VAR = "MEMORYFORMER_CACHE"
-_SOURCE = Path(__file__).parent / "csrc" / "memory_lookup.cpp"
+_SOURCE_DIR = Path(__file__).parent / "csrc"
+_SOURCES = (_SOURCE_DIR / "memory_lookup.cpp", _SOURCE_DIR / "block_decode.cpp")
+_HEADERS = (_SOURCE_DIR / "lookup_math.h",)
 # -march=native: AVX2/FMA registers for the gather; -ffp-contract=fast: fused multiply-adds (off in ISO C++ mode);
 # -fno-trapping-math: lets the hash's branch-free exp loop vectorise (FP exceptions are never inspected).
 _CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-trapping-math", "-fopenmp")
@@ -55,7 +59,9 @@ def _cpu_signature() -> str:
 
 def _build_key() -> str:
     """A short hash of everything the compiled library depends on; a new key means a new build."""
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in (*_SOURCES, *_HEADERS):
+        digest.update(source.read_bytes())
     compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension invokes
     for part in (*_CFLAGS, *_LDFLAGS, compiler, torch.__version__, sys.version, _cpu_signature()):
         digest.update(b"\0" + part.encode())
@@ -93,7 +99,8 @@ def _compile(name: str, build_dir: Path) -> Path:
     (build_dir / "lock").unlink(missing_ok=True)
     library = cpp_extension.load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
+        extra_include_paths=[str(_SOURCE_DIR)],
         extra_cflags=list(_CFLAGS),
         extra_ldflags=list(_LDFLAGS),
         build_directory=str(build_dir),
@@ -184,4 +191,13 @@ def memory_lookup_cpu(
     return _forward_op(x, tables, bias, tau, score, temperature)
 
 
-__all__ = ["cpu_kernel_available", "memory_lookup_cpu"]
+def memory_block_decode_cpu(**arguments: object) -> torch.Tensor:
+    """The fused decode of one MemoryFormer block (``csrc/block_decode.cpp``, whose schema names the arguments).
+
+    Writes the new keys and values at position ``length`` of the caches and returns the block's output [batch, d].
+    Callers check :func:`cpu_kernel_available` first (``MemoryFormerBlock`` does, through its lookup backend).
+    """
+    return torch.ops.memoryformer.memory_block_decode.default(**arguments)
+
+
+__all__ = ["cpu_kernel_available", "memory_block_decode_cpu", "memory_lookup_cpu"]

@@ -46,10 +46,15 @@ STUBS: dict[str, str] = {
     f"{PACKAGE}.kernels.cpu": _STUB_FALLBACK.format(
         module=f"{PACKAGE}.kernels.cpu",
         why="it compiles C++ sources of the package",
-        what="the fused CPU operator",
+        what="the fused CPU operators",
         lookup="memory_lookup_cpu",
         available="cpu_kernel_available",
-    ),
+    )
+    + """
+
+def memory_block_decode_cpu(**arguments):
+    raise RuntimeError("the fused block decode is not shipped in checkpoints; load the model through memoryformer")
+""",
     f"{PACKAGE}.kernels.triton": _STUB_FALLBACK.format(
         module=f"{PACKAGE}.kernels.triton",
         why="the fused Triton kernels live in the package",

@@ -26,12 +26,15 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from memoryformer.kernels import resolve_backend
+from memoryformer.kernels.cpu import memory_block_decode_cpu
 from memoryformer.layers.attention import MemoryAttention, RotaryEmbedding
 from memoryformer.layers.memory_layer import MemoryBlock, MemoryLayer
 from memoryformer.layers.norms import RMSNorm
 from memoryformer.models.configuration_memoryformer import MemoryFormerConfig
 from memoryformer.models.export import write_remote_code
 from memoryformer.models.init import small_init_std
+from memoryformer.models.kv_cache import InPlaceKVCache
 
 
 class MemoryFormerBlock(GradientCheckpointingLayer):
@@ -69,6 +72,8 @@ class MemoryFormerBlock(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if self.fused_decode_applies(hidden_states, attention_mask, past_key_values):
+            return self.fused_decode(hidden_states, position_embeddings, past_key_values)
         attn_output, _ = self.attention(
             self.attention_norm(hidden_states),
             position_embeddings,
@@ -79,6 +84,68 @@ class MemoryFormerBlock(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.memory_block(self.memory_block_norm(hidden_states))
+
+    def fused_decode_applies(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+    ) -> bool:
+        """Whether this call is one inference decode step the fused CPU block operator computes (issue 15).
+
+        That is: one new fp32 token per sequence on CPU without autograd or tracing, no mask (no padding: SDPA's
+        causal attention over the whole cache), an :class:`InPlaceKVCache`, head_dim a multiple of 8, and the fused
+        lookup as backend. Any
+        other call, and any model loaded as remote code (its stubbed kernels report unavailable), runs the modules.
+        """
+        return (
+            hidden_states.shape[1] == 1
+            and attention_mask is None
+            and isinstance(past_key_values, InPlaceKVCache)
+            and not torch.is_grad_enabled()
+            and hidden_states.dtype == torch.float32
+            and self.config._attn_implementation == "sdpa"  # attention weights are never returned
+            and self.attention.head_dim % 8 == 0  # the operator's vector width
+            and not torch.compiler.is_compiling()
+            and resolve_backend(self.config.lookup_backend, hidden_states.device) == "cpu"
+        )
+
+    def fused_decode(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: Cache
+    ) -> torch.Tensor:
+        """This block's forward for [batch, 1, d] as one C++ operator that appends to the cache in place."""
+        attention, memory_block = self.attention, self.memory_block
+        batch = hidden_states.shape[0]
+        layer_cache = cache.layers[attention.layer_idx]
+        shape = (batch, attention.num_heads, 1, attention.head_dim)
+        keys, values, length = layer_cache.reserve(shape, hidden_states)
+        cos, sin = position_embeddings
+        output = memory_block_decode_cpu(
+            hidden=hidden_states,
+            attention_norm_scale=self.attention_norm.scale,
+            rms_norm_eps=self.attention_norm.eps,
+            qkv_tables=attention.qkv.tables,
+            qkv_bias=attention.qkv.bias,
+            tau=attention.qkv.tau,
+            cos=cos,
+            sin=sin,
+            key_cache=keys,
+            value_cache=values,
+            length=length,
+            num_heads=attention.num_heads,
+            scaling=attention.scaling,
+            memory_block_norm_scale=self.memory_block_norm.scale,
+            ml1_tables=memory_block.ml1.tables,
+            ml1_bias=memory_block.ml1.bias,
+            gelu=isinstance(memory_block.act, nn.GELU),
+            layer_norm_weight=memory_block.norm.weight,
+            layer_norm_bias=memory_block.norm.bias,
+            layer_norm_eps=memory_block.norm.eps,
+            ml2_tables=memory_block.ml2.tables,
+            ml2_bias=memory_block.ml2.bias,
+            ml2_tau=memory_block.ml2.tau,
+            score=self.config.score,
+            temperature=self.config.temperature,
+        )
+        layer_cache.advance(1)
+        return output
 
 
 class MemoryFormerPreTrainedModel(PreTrainedModel):
@@ -155,7 +222,7 @@ class MemoryFormerModel(MemoryFormerPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = InPlaceKVCache(self.config)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
@@ -194,6 +261,15 @@ class MemoryFormerForCausalLM(MemoryFormerPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """``GenerationMixin``'s cache set-up, with :class:`InPlaceKVCache` instead of its default ``DynamicCache``
+        (same contents, no copy of the cache per token; on CPU it enables the fused block decode)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        default_cache = generation_config.cache_implementation in (None, "dynamic")
+        if type(cache) is DynamicCache and default_cache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = InPlaceKVCache(self.config)
 
     @can_return_tuple
     def forward(
