@@ -6,7 +6,9 @@
   the registry's config of a model pair (mf-tiny/pythia-70m at d = 512, mf-small/pythia-160m at 768, mf-base/
   pythia-410m at 1024): latency of decoding 1 token against a KV cache of 512 tokens, and of a 2048-token prefill.
   Next to each: the parameter bytes one token reads (every dense weight; only the K gathered rows of a Memory Layer,
-  spec §1) and the KV cache bytes, which both blocks read alike.
+  spec §1) and the KV cache bytes, which both blocks read alike. Decode uses the in-place KV cache
+  (``models/kv_cache.py``) for both, so a MemoryFormer block decodes as its one fused operator; its module path
+  (transformers' ``DynamicCache``) is timed beside them.
 - Whole models (``run_model_benchmark``): mf-tiny against pythia-70m with ``generate`` (greedy) from a 128-token
   prompt, and prefill tokens/s (one forward, logits of the last position only, as ``generate`` does).
 - Decode paths and dtypes (``run_decode_benchmark``, issue 15): greedy decode tokens/s through ``generate`` for
@@ -14,9 +16,9 @@
   only with ≥ 17 GiB available), each against its weight-streaming bound.
 
 Blocks and models run in fp32 (the decode section also in bf16) with SDPA attention and the default lookup backend
-(``auto``), in eval mode under ``torch.no_grad``. The two sides of every comparison take turns call by call
-(:func:`benchmarks.bench_kernels.time_side_by_side`, warm-up excluded), so that load from other processes hits both
-alike, and are summarised as median/min/max over the repeats.
+(``auto``), in eval mode under ``torch.no_grad``, and every KV cache is the in-place one for both families. The two
+sides of every comparison take turns call by call (:func:`benchmarks.bench_kernels.time_side_by_side`, warm-up
+excluded), so that load from other processes hits both alike, and are summarised as median/min/max over the repeats.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from memoryformer.layers.attention import RotaryEmbedding
 from memoryformer.layers.memory_layer import MemoryLayer
 from memoryformer.models import MemoryFormerConfig, build_model, model_config
 from memoryformer.models.decode import build_for_inference, enable_compiled_decode
+from memoryformer.models.kv_cache import InPlaceKVCache
 from memoryformer.models.modeling_memoryformer import MemoryFormerBlock
 
 BLOCK_PAIRS = (("mf-tiny", "pythia-70m"), ("mf-small", "pythia-160m"), ("mf-base", "pythia-410m"))
@@ -122,11 +125,14 @@ def kv_cache_bytes(config: PretrainedConfig, tokens: int) -> int:
 
 
 @torch.no_grad()
-def block_decode_call(block: nn.Module, config: PretrainedConfig, kv_cache: int) -> Callable[[int], object]:
+def block_decode_call(
+    block: nn.Module, config: PretrainedConfig, kv_cache: int, cache_class: type[DynamicCache] = InPlaceKVCache
+) -> Callable[[int], object]:
     """fn(i): decode one token at position ``kv_cache`` against a cache of ``kv_cache`` tokens, then drop it again
-    so every call sees the same cache length."""
+    so every call sees the same cache length. Both families use the in-place cache (a MemoryFormer block then runs
+    fused); ``cache_class=DynamicCache`` runs a MemoryFormer block's modules instead."""
     d, rotary = config.hidden_size, rotary_embedding(config)
-    cache = DynamicCache(config=config)
+    cache = cache_class(config=config)
     prompt = torch.randn(1, kv_cache, d)
     run_block(block, prompt, rotary(prompt, torch.arange(kv_cache)[None]), cache)
     tokens = [torch.randn(1, 1, d) for _ in range(INPUT_POOL)]
@@ -159,7 +165,7 @@ def attention_call(config: PretrainedConfig, tokens: int, kv_cache: int) -> Call
     (none at prefill) and attend over it with SDPA, causally at prefill; the appended positions are dropped again."""
     heads = config.num_attention_heads
     shape = (1, heads, tokens, config.hidden_size // heads)
-    cache = DynamicCache(config=config) if kv_cache else None
+    cache = InPlaceKVCache(config) if kv_cache else None
     if cache is not None:
         cache.update(torch.randn(1, heads, kv_cache, shape[-1]), torch.randn(1, heads, kv_cache, shape[-1]), 0)
     qkv = [[torch.randn(shape) for _ in range(3)] for _ in range(INPUT_POOL)]
@@ -188,6 +194,7 @@ def run_block_benchmark(quick: bool) -> dict:
              "memoryformer": {"model": str, "weight_bytes_per_token": int, <summary>},
              "pythia": {"model": str, "weight_bytes_per_token": int, <summary>},
              "attention": <summary>,        # the shared part alone: KV-cache append + SDPA (attention_call)
+             "memoryformer_modules": <summary>,  # decode only: the MemoryFormer block's modules, DynamicCache
              "latency_ratio": float,        # memoryformer median / pythia median
              "latency_ratio_beyond_attention": float,  # the same with the attention median taken off both
              "weight_bytes_ratio": float,   # memoryformer / pythia weight bytes per token
@@ -209,6 +216,9 @@ def run_block_benchmark(quick: bool) -> dict:
         for phase, tokens, kv_cache, make_call in phases:
             calls = {name: make_call(block, block_config, kv_cache or tokens) for name, block, block_config in blocks}
             calls["attention"] = attention_call(config, tokens, kv_cache)
+            if phase == "decode":  # the MemoryFormer block's modules, for the gain of the fused step
+                mf_block = next(block for _, block, c in blocks if family(c) == "memoryformer")
+                calls["memoryformer_modules"] = block_decode_call(mf_block, config, kv_cache, DynamicCache)
             timings = side_by_side(calls, sizes)
             row = {"d": config.hidden_size, "phase": phase, "tokens": tokens, "kv_cache": kv_cache}
             for name, block, block_config in blocks:
@@ -218,6 +228,8 @@ def run_block_benchmark(quick: bool) -> dict:
                     **summarise(timings[name], tokens),
                 }
             row["attention"] = summarise(timings["attention"], tokens)
+            if phase == "decode":
+                row["memoryformer_modules"] = summarise(timings["memoryformer_modules"], tokens)
             mf, pythia, attention = row["memoryformer"], row["pythia"], row["attention"]["median_us"]
             row["latency_ratio"] = mf["median_us"] / pythia["median_us"]
             row["latency_ratio_beyond_attention"] = (mf["median_us"] - attention) / (pythia["median_us"] - attention)
@@ -245,6 +257,7 @@ def generate_call(model: nn.Module, prompts: list[torch.Tensor], new_tokens: int
         prompt = prompts[i % len(prompts)]
         model.generate(
             prompt,
+            past_key_values=InPlaceKVCache(model.config),
             attention_mask=torch.ones_like(prompt),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,  # a random model may emit EOS; never stop early
@@ -261,7 +274,7 @@ def greedy_decode_call(model: nn.Module, prompts: list[torch.Tensor], new_tokens
     new positions are dropped again afterwards, so every call decodes from the same prompt."""
     starts = []
     for prompt in prompts:
-        out = model(input_ids=prompt, use_cache=True)
+        out = model(input_ids=prompt, past_key_values=InPlaceKVCache(model.config), use_cache=True)
         starts.append((out.past_key_values, out.logits[:, -1:].argmax(-1)))
 
     def call(i: int) -> None:
@@ -391,7 +404,9 @@ def decode_seconds_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens:
     config = copy.deepcopy(generation_config)
     # min_new_tokens: a random model may emit EOS; never stop early
     config.update(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    model.generate(prompt, generation_config=config, attention_mask=torch.ones_like(prompt), streamer=clock)
+    # The eager path of both families: the in-place KV cache (a compiled step brings its own static cache).
+    cache = {} if config.cache_implementation == "static" else {"past_key_values": InPlaceKVCache(model.config)}
+    model.generate(prompt, generation_config=config, attention_mask=torch.ones_like(prompt), streamer=clock, **cache)
     return (clock.times[-1] - clock.times[1]) / (len(clock.times) - 2)
 
 

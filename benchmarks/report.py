@@ -122,18 +122,21 @@ def block_target(blocks: Mapping[str, Any], copy_bandwidth_gbs: float | None) ->
     if copy_bandwidth_gbs:
         # Reading is half of a copy's (read + write) traffic.
         read_us = (mf["weight_bytes_per_token"] + row["kv_cache_bytes"]) / (copy_bandwidth_gbs / 2 * 1e9) * 1e6
-        floor = (
-            f". Reading the MemoryFormer block's weights and cache at this machine's bandwidth takes ~{read_us:.0f} "
-            f"µs: the rest of its time is per-operation overhead (two RMSNorms, rotary, three hashed lookups, a "
-            f"LayerNorm, the cache append and SDPA, each a separate dispatch)"
-        )
+        floor = f". Reading the MemoryFormer block's weights and cache at this machine's bandwidth: ~{read_us:.0f} µs"
+    modules = row.get("memoryformer_modules")
+    fused = (
+        f" (one fused operator; its modules take {modules['median_us']:.0f} µs, "
+        f"{modules['median_us'] / mf['median_us']:.1f}× longer)"
+        if modules
+        else ""
+    )
     why = (
-        f"{mf['model']} block {mf['median_us']:.0f} µs vs {pythia['model']} block {pythia['median_us']:.0f} µs. "
-        f"Weights read per token: {mf['weight_bytes_per_token'] / 1e6:.2f} MB vs "
+        f"{mf['model']} block {mf['median_us']:.0f} µs{fused} vs {pythia['model']} block {pythia['median_us']:.0f} "
+        f"µs, both with the in-place KV cache. Weights read per token: {mf['weight_bytes_per_token'] / 1e6:.2f} MB vs "
         f"{pythia['weight_bytes_per_token'] / 1e6:.2f} MB ({1 / row['weight_bytes_ratio']:.0f}× fewer), but both "
         f"also append to and attend over the {row['kv_cache_bytes'] / 1e6:.2f} MB KV cache of {row['kv_cache']} "
-        f"tokens: that shared part alone takes {row['attention']['median_us']:.0f} µs; beyond it the ratio is "
-        f"{row['latency_ratio_beyond_attention']:.2f}{floor}"
+        f"tokens: that shared part alone (SDPA) takes {row['attention']['median_us']:.0f} µs; beyond it the ratio "
+        f"is {row['latency_ratio_beyond_attention']:.2f}{floor}"
     )
     return target(
         f"block decode latency ≤ 0.25× Pythia's, d={row['d']}, KV cache {row['kv_cache']}",
@@ -430,6 +433,7 @@ def _block_section(blocks: Mapping[str, Any]) -> list[str]:
             "MemoryFormer ms": f"{r['memoryformer']['model']}: {_spread(r['memoryformer'], 1e3, 2)}",
             "Pythia ms": f"{r['pythia']['model']}: {_spread(r['pythia'], 1e3, 2)}",
             "latency ratio": f"{r['latency_ratio']:.3f}",
+            "MemoryFormer modules ms": _spread(r["memoryformer_modules"], 1e3, 2) if r["phase"] == "decode" else "",
             "attention ms": _spread(r["attention"], 1e3, 2),
             "ratio beyond attention": f"{r['latency_ratio_beyond_attention']:.3f}",
             "weight MB/token": f"{r['memoryformer']['weight_bytes_per_token'] / 1e6:.2f} vs "
@@ -443,7 +447,9 @@ def _block_section(blocks: Mapping[str, Any]) -> list[str]:
         "",
         f"A `MemoryFormerBlock` against transformers' `GPTNeoXLayer`, each built from its model's registry config "
         f"({cfg['dtype']}, {cfg['attention']} attention, lookup `{cfg['lookup_backend']}`). Decode: one token "
-        f"against a KV cache of {cfg['kv_cache']}; prefill: {cfg['prefill_tokens']} tokens, causal. Median ms "
+        f"against a KV cache of {cfg['kv_cache']} (the in-place cache for both; the MemoryFormer block runs as one "
+        f"fused operator, and `MemoryFormer modules` is its module path with transformers' `DynamicCache`); "
+        f"prefill: {cfg['prefill_tokens']} tokens, causal. Median ms "
         f"(min–max). `attention`: the part both blocks share (KV-cache append and SDPA) timed alone; the last "
         f"ratio takes it off both blocks. Weight MB/token: parameter bytes one token reads (a Memory Layer reads "
         f"only its K rows).",
@@ -500,7 +506,8 @@ def _decode_section(decode: Mapping[str, Any]) -> list[str]:
         "## 3b. Decode paths and dtypes",
         "",
         f"Greedy `generate` of {cfg['new_tokens']} tokens after a {cfg['prompt_tokens']}-token prompt; decode "
-        f"time per step excludes the prefill. `eager`: transformers' dynamic KV cache; `compiled`: static KV cache + "
+        f"time per step excludes the prefill. `eager`: the in-place KV cache for both families (MemoryFormer's "
+        f"blocks then decode fused, `models/kv_cache.py`); `compiled`: static KV cache + "
         f"`torch.compile` of the step (`memoryformer.models.decode`), the same machinery for both families "
         f"(compiled only for the small pair). `bf16`: MemoryFormer's tables in bf16 (dense parts fp32), Pythia cast "
         f"whole. Variants take turns, {cfg['rounds']} rounds, median (min–max); compilation excluded. Bound: GEMV read "
