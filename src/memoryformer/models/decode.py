@@ -1,7 +1,17 @@
 """Fast CPU inference for both model families behind the normal ``generate()`` (issue 15).
 
-Two independent switches, each applied the same way to MemoryFormer and to its Pythia baseline so that a speed
-ratio measures the architecture, not engineering done on one side only:
+The default decode path needs no switch: ``generate`` keeps the KV cache in an :class:`InPlaceKVCache`
+(``models/kv_cache.py``: appends in place instead of ``torch.cat``-ing the whole cache per token), and on CPU each
+MemoryFormer block then decodes as one fused C++ operator (``kernels/csrc/block_decode.cpp``: norms, the three
+lookups, rotary, the cache append and attention in one call; ``MemoryFormerBlock.fused_decode``). That operator was
+chosen over ``torch.compile`` of the step because a decode step is dispatch-bound and compiling did not remove
+that here: measured side by side (``make bench``), the compiled step ran at 0.90-1.12x the eager one's tokens/s
+across both families and dtypes, while the fused block removes a block's ~50 small ops outright. Any
+call the operator does not cover (padding masks, autograd, fp64, another lookup backend, remote-code checkpoints)
+runs the modules, with the same tokens.
+
+Two further switches, each applied the same way to MemoryFormer and to its Pythia baseline so that a speed ratio
+measures the architecture, not engineering done on one side only:
 
 - :func:`to_inference_dtype`: the weight storage that dominates a model's bytes in a narrower dtype. For a
   MemoryFormer that is its Memory Layer tables (the hash, norms, attention and the dense head stay fp32: the fused
@@ -10,15 +20,10 @@ ratio measures the architecture, not engineering done on one side only:
   (AVX2: measured equal), so casting MemoryFormer's dense layers would cost accuracy for nothing.
 - :func:`enable_compiled_decode`: transformers' static KV cache plus ``torch.compile`` of the per-token step,
   through ``generate``'s own ``compile_config`` (transformers compiles only on GPUs unless told otherwise). The
-  fused lookup is a ``torch.library`` op with a fake kernel, so the whole step is one graph. Chosen over a fused
-  C++ decode op for the block because it needs no second implementation of the model (the compiled step *is*
-  the eager model, traced) and it applies to GPT-NeoX unchanged. When no C++ compiler is present (inductor needs
-  one on CPU) it leaves the model on the eager path, which gives the same tokens. It is opt-in, not the default:
-  measured side by side (``make bench``, decode section, 2 busy cores) it removes the KV-cache concatenations
-  and most per-op dispatch, but a decode step's time is the dense LM head's GEMV (~45% in torch.profiler, the same
-  in both families) and the cache-cold row gathers (~20%), so it gained 0.99× (mf-tiny) and 1.11× (pythia-70m)
-  for a compilation of minutes. A fused C++ block op would remove only what compilation removes (the small ops
-  between the lookups); neither touches the head's GEMV or the gathers' memory latency.
+  fused lookup is a ``torch.library`` op with a fake kernel, so the whole step is one graph. When no C++ compiler
+  is present (inductor needs one on CPU) it leaves the model on the default path, which gives the same tokens. It
+  is opt-in and, on CPU, not faster (above); it is kept for the baseline's sake and for devices where compiling
+  pays.
 
 :func:`build_for_inference` builds a registered model with its tables directly in the narrow dtype, so mf-base
 (6.75B parameters: 27 GB in fp32) never exists in fp32 and fits a 24 GB machine at ~13.7 GB.
