@@ -269,8 +269,6 @@ def test_fused_block_step_matches_the_float64_block(tables):
 @needs_cpu_kernel
 def test_fused_decode_is_skipped_where_it_does_not_apply(fused_calls, monkeypatch):
     """Padding (a mask), autograd and another lookup backend run the modules, with the same tokens."""
-    from memoryformer.models import modeling_memoryformer
-
     torch.manual_seed(0)
     model = tiny()
     prompts = torch.randint(1, VOCAB, (2, 6))
@@ -288,7 +286,7 @@ def test_fused_decode_is_skipped_where_it_does_not_apply(fused_calls, monkeypatc
         assert block.fused_decode_applies(token, None, cache)
         assert not block.fused_decode_applies(token.double(), None, cache)
         assert not block.fused_decode_applies(token, None, DynamicCache(config=model.config))
-        monkeypatch.setattr(modeling_memoryformer, "resolve_backend", lambda backend, device: "embedding_bag")
+        monkeypatch.setattr(block.attention.qkv, "backend", "embedding_bag")
         assert not block.fused_decode_applies(token, None, cache)
 
 

@@ -12,6 +12,7 @@ This file is also shipped inside every saved checkpoint (see ``export.py``), so 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,12 @@ from memoryformer.models.configuration_memoryformer import MemoryFormerConfig
 from memoryformer.models.export import write_remote_code
 from memoryformer.models.init import small_init_std
 from memoryformer.models.kv_cache import InPlaceKVCache
+
+
+@functools.cache
+def fused_lookup_backend(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` means the fused CPU operators on ``device_type`` (cached: decode asks once per block)."""
+    return resolve_backend(backend, torch.device(device_type)) == "cpu"
 
 
 class MemoryFormerBlock(GradientCheckpointingLayer):
@@ -104,7 +111,7 @@ class MemoryFormerBlock(GradientCheckpointingLayer):
             and self.config._attn_implementation == "sdpa"  # attention weights are never returned
             and self.attention.head_dim % 8 == 0  # the operator's vector width
             and not torch.compiler.is_compiling()
-            and resolve_backend(self.config.lookup_backend, hidden_states.device) == "cpu"
+            and fused_lookup_backend(self.attention.qkv.backend, hidden_states.device.type)
         )
 
     def fused_decode(
@@ -141,8 +148,8 @@ class MemoryFormerBlock(GradientCheckpointingLayer):
             ml2_tables=memory_block.ml2.tables,
             ml2_bias=memory_block.ml2.bias,
             ml2_tau=memory_block.ml2.tau,
-            score=self.config.score,
-            temperature=self.config.temperature,
+            score=attention.qkv.score,
+            temperature=attention.qkv.temperature,
         )
         layer_cache.advance(1)
         return output
