@@ -71,6 +71,16 @@ def assert_matches_reference(x, tables, bias, tau, score="l1", temperature=1.0, 
         torch.testing.assert_close(grad.double(), grad_ref, **tolerance(grad.dtype), msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.fixture(params=["fused", "separate"])
+def backward_path(request, monkeypatch):
+    """Run the test with ∂L/∂w computed inside chunk_grad_kernel's walk ("fused", which the trainer's shapes take
+    when 512 divides h) and by grad_weights_kernel ("separate"), whatever the shapes would choose."""
+    choose = triton_backend.backward_config
+    fused = request.param == "fused"
+    monkeypatch.setattr(triton_backend, "backward_config", lambda n, h: choose(n, h)._replace(fused=fused))
+    return request.param
+
+
 # (tau, tokens, chunks, out_features, score, temperature, x dtype, tables dtype, bias): tokens and out_features
 # are chosen off the 32-token / 16..128-feature tiles; 200 features span two feature tiles.
 CASES = {
@@ -84,7 +94,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_reference(case):
+def test_matches_reference(case, backward_path):
     tau, num_tokens, num_chunks, out_features, score, temperature, x_dtype, table_dtype, with_bias = case
     x, tables, bias = make_inputs(num_tokens, tau, num_chunks, out_features, x_dtype, table_dtype, with_bias)
     assert_matches_reference(x, tables, bias, tau, score, temperature)
@@ -121,14 +131,14 @@ def skewed_inputs(num_tokens, tau, num_chunks, out_features, dtype, hot_fraction
     ids=["tau10-hot-row", "tau8-hot-row-narrow", "tau3-every-row-hot"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, f64], ids=["fp32", "fp64"])
-def test_hot_rows_ties_and_ragged_shapes(tau, num_tokens, num_chunks, out_features, dtype):
+def test_hot_rows_ties_and_ragged_shapes(tau, num_tokens, num_chunks, out_features, dtype, backward_path):
     """Skewed codes (one row takes ~80% of the tokens, several tiles' worth of the table-gradient walk), exact
     ties, τ = 10 chunks, token counts and widths off every block size."""
     x, tables, bias = skewed_inputs(num_tokens, tau, num_chunks, out_features, dtype)
     assert_matches_reference(x, tables, bias, tau)
 
 
-def test_gradients_repeat_bit_for_bit():
+def test_gradients_repeat_bit_for_bit(backward_path):
     """No atomics and fixed summation orders: the same inputs give the same bits, hot rows included."""
     x, tables, bias = skewed_inputs(50, 4, 3, 40, torch.float32)
     grad_y = torch.randn(50, 40, device=DEVICE)
@@ -139,7 +149,7 @@ def test_gradients_repeat_bit_for_bit():
 
 
 @pytest.mark.parametrize("out_features", [520, 1024], ids=["masked-second-block", "two-even-blocks"])
-def test_table_gradient_across_feature_blocks(out_features):
+def test_table_gradient_across_feature_blocks(out_features, backward_path):
     """h wider than one table-gradient program: each feature block's program walks the tokens on its own (τ = 2:
     every row repeats, often on consecutive tokens), and the result repeats bit for bit."""
     assert triton_backend.triton.cdiv(out_features, triton_backend.backward_config(12, out_features).table_block_h) == 2
@@ -148,6 +158,15 @@ def test_table_gradient_across_feature_blocks(out_features):
     grad_y = torch.randn(12, out_features, device=DEVICE)
     first, second = (lookup_and_grads(memory_lookup_triton, (x, tables), grad_y, None, 2)[1][1] for _ in range(2))
     assert torch.equal(first, second)
+
+
+def test_backward_fuses_weight_gradient_where_the_walk_is_wide():
+    """∂w rides along the table-gradient walk when 512-feature blocks divide h (16 values per thread, one warp),
+    and has its own pass where the walk's blocks are narrow (mf-tiny's ML1, h = 640: 128 features)."""
+    wide, narrow = triton_backend.backward_config(16384, 1536), triton_backend.backward_config(16384, 640)
+    assert wide.fused and (wide.table_block_h, wide.table_num_warps) == (512, 1)
+    assert not narrow.fused and narrow.table_block_h == 128
+    assert triton_backend.backward_config(1, 3072).fused  # decode too
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3])
@@ -203,7 +222,7 @@ def test_tau_16_codes_are_exact():
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, True)], ids=["x-only", "tables-and-bias"])
-def test_partial_gradients(needs):
+def test_partial_gradients(needs, backward_path):
     x, tables, bias = make_inputs(7, 4, 2, 40, torch.float32, torch.float32, True)
     leaves = [t.requires_grad_(need) for t, need in zip((x, tables, bias), needs, strict=True)]
     memory_lookup_triton(*leaves, 4).sum().backward()

@@ -97,6 +97,17 @@ def _grad_chunk(z, s, grad_w, temperature_ptr, PAPER: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def _widen(values, ACC: tl.constexpr):
+    """Table values in ACC. bf16 is the top half of an fp32, so its widening is a shift or mask of the bits (one
+    integer op per value, where ptxas's generic conversion spends two on every odd value of a packed pair)."""
+    if values.dtype == tl.bfloat16:
+        bits = values.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return values.to(ACC)
+
+
+@triton.jit
 def hash_kernel(
     x_ptr,
     temperature_ptr,
@@ -169,7 +180,7 @@ def gather_kernel(
         next_w = tl.load(weights_ptr + chunk_offset, mask=has_next, other=0.0)
         row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
         gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
-        acc += w[:, None] * gathered.to(ACC)
+        acc += w[:, None] * _widen(gathered, ACC)
         rows, w = next_rows, next_w
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(ACC)[None, :]
@@ -212,7 +223,7 @@ def grad_weights_kernel(
         rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
         row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
         gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
-        partial = tl.sum(g * gathered.to(ACC), axis=1)
+        partial = tl.sum(g * _widen(gathered, ACC), axis=1)
         tl.store(partial_ptr + chunk_offset, partial, mask=mask_n)
         chunk_offset += N
 
@@ -265,58 +276,63 @@ def _load_features(ptrs, mask_h, EVEN_H: tl.constexpr):
 
 
 @triton.jit
-def table_grad_kernel(
+def chunk_grad_kernel(
     rows_ptr,
     weights_ptr,
+    tables_ptr,
     grad_y_ptr,
     grad_tables_ptr,
+    partial_ptr,
     N,
     H,
+    stride_tr,
     stride_gn,
     stride_gtr,
     BLOCK_H: tl.constexpr,
     EVEN_H: tl.constexpr,
+    GRAD_TABLES: tl.constexpr,
+    GRAD_WEIGHTS: tl.constexpr,
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r, for one (k, h-block).
-
-    Grid: (K, cdiv(H, BLOCK_H)), chunks fastest so the K programs of one feature block stream the same grad_y
-    columns through L2 together. The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
-    zero-initialised ACC buffer ``grad_tables`` and walks the tokens one at a time, in order: a scalar row and
-    weight, a BLOCK_H vector of g_n, then read, add and write T[r, h-block]. Every feature of the block stays in
-    one thread for the whole walk (one layout, no conversion: the kernel report shows no barrier or shared memory
-    in the loop), so each address of the slice is written by one thread only, which reads it itself (in a block
-    narrower than the warp, replica threads read too but never write), and program order alone orders a row's
-    updates: no same-row sums, no barrier, no atomics, no sort, no host sync, and the same bits on every run (each
-    row's sum in token order).
-
-    The next token's row, weight, g_n and slice row are loaded before this token's write (their latency overlaps
-    one token's work); when the next token hits the same row, its prefetched slice row misses this token's update,
-    so the value just computed is carried instead.
-    """
+    """DOC"""
     k = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_block = tl.program_id(1)
+    offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
     rows_ptr += k.to(INDEX) * N  # chunk k's tokens, contiguous
     weights_ptr += k.to(INDEX) * N
-    slice_ptrs = grad_tables_ptr + offs_h
     g_ptrs = grad_y_ptr + offs_h
 
     row = tl.load(rows_ptr)
     w = tl.load(weights_ptr)
     g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
-    row_ptrs = slice_ptrs + row.to(INDEX) * stride_gtr
-    current = _load_features(row_ptrs, mask_h, EVEN_H)
-    for n in range(1, N):  # loads token n, writes token n − 1
+    if GRAD_WEIGHTS:
+        partial_ptr += (h_block.to(INDEX) * tl.num_programs(0) + k) * N
+        table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)
+        gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+    if GRAD_TABLES:
+        slice_ptrs = grad_tables_ptr + offs_h
+        row_ptrs = slice_ptrs + row.to(INDEX) * stride_gtr
+        current = _load_features(row_ptrs, mask_h, EVEN_H)
+    for n in tl.range(1, N, loop_unroll_factor=4):  # loads token n, finishes token n − 1
         next_row = tl.load(rows_ptr + n)
         next_w = tl.load(weights_ptr + n)
         g_ptrs += stride_gn
         next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
-        next_row_ptrs = slice_ptrs + next_row.to(INDEX) * stride_gtr
-        next_slice = _load_features(next_row_ptrs, mask_h, EVEN_H)
-        updated = current + w * g
-        tl.store(row_ptrs, updated, mask=mask_h)
-        current = tl.where(next_row == row, updated, next_slice)
-        row, w, g, row_ptrs = next_row, next_w, next_g, next_row_ptrs
-    tl.store(row_ptrs, current + w * g, mask=mask_h)
+        if GRAD_WEIGHTS:
+            next_gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+            tl.store(partial_ptr + n - 1, tl.sum(g * gathered))
+            gathered = next_gathered
+        if GRAD_TABLES:
+            next_row_ptrs = slice_ptrs + next_row.to(INDEX) * stride_gtr
+            next_slice = _load_features(next_row_ptrs, mask_h, EVEN_H)
+            updated = current + w * g
+            tl.store(row_ptrs, updated, mask=mask_h)
+            current = tl.where(next_row == row, updated, next_slice)
+            row_ptrs = next_row_ptrs
+        row, w, g = next_row, next_w, next_g
+    if GRAD_WEIGHTS:
+        tl.store(partial_ptr + N - 1, tl.sum(g * gathered))
+    if GRAD_TABLES:
+        tl.store(row_ptrs, current + w * g, mask=mask_h)
