@@ -74,7 +74,7 @@ def assert_matches_reference(x, tables, bias, tau, score="l1", temperature=1.0, 
 @pytest.fixture(params=["fused", "separate"])
 def backward_path(request, monkeypatch):
     """Run the test with ∂L/∂w computed inside chunk_grad_kernel's walk ("fused", which the trainer's shapes take
-    when 512 divides h) and by grad_weights_kernel ("separate"), whatever the shapes would choose."""
+    where 256- or 512-feature blocks divide h) and by grad_weights_kernel ("separate"), whatever the shapes say."""
     choose = triton_backend.backward_config
     fused = request.param == "fused"
     monkeypatch.setattr(triton_backend, "backward_config", lambda n, h: choose(n, h)._replace(fused=fused))
@@ -161,11 +161,13 @@ def test_table_gradient_across_feature_blocks(out_features, backward_path):
 
 
 def test_backward_fuses_weight_gradient_where_the_walk_is_wide():
-    """∂w rides along the table-gradient walk when 512-feature blocks divide h (16 values per thread, one warp),
-    and has its own pass where the walk's blocks are narrow (mf-tiny's ML1, h = 640: 128 features)."""
-    wide, narrow = triton_backend.backward_config(16384, 1536), triton_backend.backward_config(16384, 640)
-    assert wide.fused and (wide.table_block_h, wide.table_num_warps) == (512, 1)
-    assert not narrow.fused and narrow.table_block_h == 128
+    """∂w rides along the table-gradient walk when its feature blocks are unmasked and ≥ 256 wide (one warp, 8–16
+    values per thread), and has its own pass where they are narrow (mf-tiny's ML1, h = 640: 128 features)."""
+    configs = {h: triton_backend.backward_config(16384, h) for h in (1536, 1280, 640, 520)}
+    assert configs[1536].fused and (configs[1536].table_block_h, configs[1536].table_num_warps) == (512, 1)
+    assert configs[1280].fused and configs[1280].table_block_h == 256
+    assert not configs[640].fused and configs[640].table_block_h == 128
+    assert not configs[520].fused  # a masked 512-feature block
     assert triton_backend.backward_config(1, 3072).fused  # decode too
 
 

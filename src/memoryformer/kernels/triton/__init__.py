@@ -6,14 +6,17 @@ Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
   for backward: 8 bytes per token and chunk); ``gather_kernel`` sums w·T[r] + bias over feature blocks in fp32
   (fp64 for fp64 input) whatever the tables' dtype. At small N (decode) the token block shrinks to N and the
   chunks are split across programs, the partial sums added in a fixed order afterwards.
-- Backward: ``grad_weights_kernel`` reads each grad_y tile once for all K chunks; ``grad_x_kernel`` applies ∂w/∂z;
-  ``table_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in order, a token
-  at a time, each thread owning fixed features (no barrier). No atomics, no sort, no host sync (CUDA-graph
-  friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
+- Backward: ``chunk_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in
+  order, a token at a time, each thread owning fixed features of the chunk's ∂L/∂tables slice (no barrier); where
+  its blocks are ≥ 256 wide and divide h it also gathers T[r] and writes ∂L/∂w's per-block partial sums on the way
+  (one pass over grad_y and the tables), elsewhere ``grad_weights_kernel`` computes them in token tiles.
+  ``grad_x_kernel`` sums them and applies ∂w/∂z. No atomics, no sort, no host sync (CUDA-graph friendly): the
+  same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
 - Gathers in bf16/fp16: tables stored in half precision are gathered as stored; fp32 tables are gathered from a
   half copy when ``gather_dtype`` asks, which by default it does under CUDA autocast (the trainer's mixed
   precision), the way autocast runs ``nn.Linear`` on a half copy of fp32 master weights. The copy is cached per
-  table version, so decode does not re-cast; ∂L/∂tables is always returned in the tables' own dtype.
+  table version, so decode does not re-cast; ∂L/∂tables is always returned in the tables' own dtype. bf16 values
+  are widened to fp32 by a shift or mask of their bits (exact: bf16 is the top half of an fp32).
 
 Verified without a GPU: the numerics, in Triton's interpreter on CPU (``TRITON_INTERPRET=1`` set before this module
 is imported), and the compiled code for sm_80/sm_90 (:mod:`memoryformer.kernels.triton.compile_check` writes the
@@ -48,11 +51,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 FILL_PROGRAMS = 512
 VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered row segment
 # chunk_grad_kernel's feature block: 1 warp × 32 threads × 16 fp32 values (four 128-bit loads of g_n and of the slice
-# row per token, and the gathered row for ∂w). One warp: ∂w's per-token sum over the block is 5 shuffles, no barrier
-# (2 warps: 3 barriers per token). 8 values per thread cost 354 warp instructions per 1k terms with bf16 tables, 16
-# cost 225 (sm_80, token loop unrolled 4×); 32 spill.
+# row per token). Fused, warp instructions per 1k terms with bf16 / fp32 tables (sm_80, h = 3072): 16 values per
+# thread 225 / 195; 8 values 290 / 257; 2 warps × 8 values 325 / 288 (∂w's per-token sum across warps costs 3
+# barriers); 32 values 196 / 163 but 16–64 B spilled (237 / 201 without the 4× unroll, no spills).
 TABLE_VALUES_PER_THREAD = 16
 TABLE_BLOCK_H = 512
+# The narrowest block that computes ∂w too: 256 features (mf-base's ML1, h = 1280) cost 290 / 257 fused vs 283 / 337
+# with grad_weights_kernel.
+FUSED_BLOCK_H = 256
 
 
 def triton_available() -> bool:
@@ -106,14 +112,14 @@ def forward_config(num_tokens: int, out_features: int, num_chunks: int) -> Forwa
 
 def backward_config(num_tokens: int, out_features: int) -> BackwardConfig:
     """chunk_grad programs of up to TABLE_BLOCK_H features, TABLE_VALUES_PER_THREAD per thread (each owns a
-    2^τ × 512 fp32 slice: 512 KB at τ=8, 2 MB at τ=10), computing ∂L/∂w on the way when TABLE_BLOCK_H divides h.
-    Narrower (h = 640: 128 features, 4 per thread) or masked blocks spend more per term on the per-token ∂w sum
-    than a separate pass does (sm_80, bf16 tables: 460 vs 159 + 178 instructions per 1k terms), so there
-    ``grad_weights_kernel`` computes ∂w in tiles like the forward's (32 × 128 is within 5% of 64 × 64, 64 × 128
-    and 16 × 256 per term)."""
+    2^τ × 512 fp32 slice: 512 KB at τ=8, 2 MB at τ=10), computing ∂L/∂w on the way when the block divides h and is
+    at least FUSED_BLOCK_H wide. Narrower or masked blocks spend more per term on the per-token ∂w sum than a
+    separate pass does (h = 640, sm_80, bf16 tables: 420 with 128 features, 400 with 256 masked, vs 143 + 178
+    instructions per 1k terms), so there ``grad_weights_kernel`` computes ∂w in tiles like the forward's (32 × 128
+    is within 5% of 64 × 64, 64 × 128 and 16 × 256 per term)."""
     table_block_h = _feature_block(out_features, TABLE_BLOCK_H)
     table_num_warps = max(1, table_block_h // (32 * TABLE_VALUES_PER_THREAD))
-    fused = out_features % TABLE_BLOCK_H == 0
+    fused = table_block_h >= FUSED_BLOCK_H and out_features % table_block_h == 0
     block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
     block_h = _feature_block(out_features, 128)
     return BackwardConfig(table_block_h, table_num_warps, fused, block_n, block_h, _warps(block_n * block_h))
