@@ -52,11 +52,12 @@ FILL_PROGRAMS = 512
 VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered row segment
 # chunk_grad_kernel's feature block: 1 warp × 32 threads × 16 fp32 values (four 128-bit loads of g_n and of the slice
 # row per token). Fused, warp instructions per 1k terms with bf16 / fp32 tables (sm_80, h = 3072): 16 values per
-# thread 225 / 195; 8 values 290 / 257; 2 warps × 8 values 325 / 288 (∂w's per-token sum across warps costs 3
-# barriers); 32 values 196 / 163 but 16–64 B spilled (237 / 201 without the 4× unroll, no spills).
+# thread 228 / 197; 8 values 297 / 265; 2 warps × 8 values 334 / 305 (∂w's per-token sum across warps costs 3
+# barriers); 32 values 201 / 169 (182 registers, no spills) but half as many programs, and each program walks
+# every token serially: the walk has too few programs already (K·h/512: 192 for mf-tiny's QKV).
 TABLE_VALUES_PER_THREAD = 16
 TABLE_BLOCK_H = 512
-# The narrowest block that computes ∂w too: 256 features (mf-base's ML1, h = 1280) cost 290 / 257 fused vs 283 / 337
+# The narrowest block that computes ∂w too: 256 features (mf-base's ML1, h = 1280) cost 297 / 265 fused vs 283 / 337
 # with grad_weights_kernel.
 FUSED_BLOCK_H = 256
 

@@ -335,28 +335,29 @@ def chunk_grad_kernel(
         gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
     if GRAD_TABLES:
         slice_ptrs = grad_tables_ptr + offs_h
-        row_ptrs = slice_ptrs + row.to(INDEX) * stride_gtr
-        current = _load_features(row_ptrs, mask_h, EVEN_H)
-    # Fused, unrolled 4× here (ptxas does not unroll it): no register copies between tokens, 1.2–1.3× fewer
+        current = _load_features(slice_ptrs + row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
+    # Fused, unrolled 4× here (ptxas does not unroll it): no register copies between tokens, 1.1–1.3× fewer
     # instructions. The table gradient alone is left to ptxas, which unrolls it 4× itself (within 8% either way).
     for n in tl.range(1, N, loop_unroll_factor=4 if GRAD_WEIGHTS else 1):  # loads token n, finishes token n − 1
         next_row = tl.load(rows_ptr + n)
         next_w = tl.load(weights_ptr + n)
-        g_ptrs += stride_gn
-        next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
+        if GRAD_WEIGHTS:  # pointer vectors rebuilt from scalars: carried, Triton would give them a second layout in
+            # the unrolled loop's remainder, converted through shared memory (3 barriers) per token there
+            next_g = _load_features(g_ptrs + tl.cast(n, INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+        else:  # carried: 8% fewer instructions than rebuilt (sm_80, 128 features)
+            g_ptrs += stride_gn
+            next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
         if GRAD_WEIGHTS:
             next_gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
             tl.store(partial_ptr + n - 1, tl.sum(g * gathered))
             gathered = next_gathered
         if GRAD_TABLES:
-            next_row_ptrs = slice_ptrs + next_row.to(INDEX) * stride_gtr
-            next_slice = _load_features(next_row_ptrs, mask_h, EVEN_H)
+            next_slice = _load_features(slice_ptrs + next_row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
             updated = current + w * g
-            tl.store(row_ptrs, updated, mask=mask_h)
+            tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, updated, mask=mask_h)
             current = tl.where(next_row == row, updated, next_slice)
-            row_ptrs = next_row_ptrs
         row, w, g = next_row, next_w, next_g
     if GRAD_WEIGHTS:
         tl.store(partial_ptr + N - 1, tl.sum(g * gathered))
     if GRAD_TABLES:
-        tl.store(row_ptrs, current + w * g, mask=mask_h)
+        tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, current + w * g, mask=mask_h)
