@@ -341,16 +341,16 @@ def chunk_grad_kernel(
     for n in tl.range(1, N, loop_unroll_factor=4 if GRAD_WEIGHTS else 1):  # loads token n, finishes token n − 1
         next_row = tl.load(rows_ptr + n)
         next_w = tl.load(weights_ptr + n)
-        if GRAD_WEIGHTS:  # pointer vectors rebuilt from scalars: carried, Triton would give them a second layout in
-            # the unrolled loop's remainder, converted through shared memory (3 barriers) per token there
-            next_g = _load_features(g_ptrs + tl.cast(n, INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
-        else:  # carried: 8% fewer instructions than rebuilt (sm_80, 128 features)
-            g_ptrs += stride_gn
-            next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
         if GRAD_WEIGHTS:
+            # Pointer vectors rebuilt from scalars: carried, Triton would give them a second layout in the unrolled
+            # loop's remainder, converted through shared memory (3 barriers) per token there.
+            next_g = _load_features(g_ptrs + tl.cast(n, INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
             next_gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
             tl.store(partial_ptr + n - 1, tl.sum(g * gathered))
             gathered = next_gathered
+        else:  # carried: 8% fewer instructions than rebuilt (sm_80, 128 features)
+            g_ptrs += stride_gn
+            next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
         if GRAD_TABLES:
             next_slice = _load_features(slice_ptrs + next_row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
             updated = current + w * g
