@@ -75,7 +75,7 @@ def _phase_summary(records: list[dict]) -> str:
 
 def before_after_rows(records: list[dict]) -> list[dict]:
     """Per case and phase: legacy vs new, and the hot loops' warp instructions per 1024 lookup terms, summed over
-    the phase's kernels (the new backward's ∂w and table-gradient loops both count)."""
+    the phase's kernels (a separate ∂w loop and the table-gradient walk both count)."""
     rows = []
     for case in dict.fromkeys(r["case"] for r in records):
         for phase in ("forward", "backward"):
@@ -106,8 +106,10 @@ def render_kernel_report(section: Mapping[str, Any]) -> list[str]:
         "(`python -m memoryformer.kernels.triton.compile_check`), before (backend `triton_legacy`) and after "
         "(`triton`, issue 16). Instr/1k terms = SASS instructions of each hot loop × warps per 1024 (token, chunk, "
         "feature) terms it handles, summed over the phase's kernels (in forward a term is one gathered value: "
-        "divide by 1024 × the table element size for instructions per gathered byte; `table_grad_kernel` walks one "
-        "token, BLOCK_H terms, per iteration, and a loop ptxas unrolled counts all the iterations of a pass). "
+        "divide by 1024 × the table element size for instructions per gathered byte; `chunk_grad_kernel` walks one "
+        "token, BLOCK_H terms, per iteration, doing each term's table-gradient update and, where 256 or 512 divides "
+        "h, its ∂w product too, which elsewhere `grad_weights_kernel` does; an unrolled loop counts all the "
+        "iterations of a pass). "
         "`hash_kernel` and `grad_x_kernel` work per (token, chunk), not per term, and are listed without a loop.",
         "",
         markdown_table(rows, list(rows[0])) if rows else "(no results)",

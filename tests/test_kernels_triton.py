@@ -71,6 +71,16 @@ def assert_matches_reference(x, tables, bias, tau, score="l1", temperature=1.0, 
         torch.testing.assert_close(grad.double(), grad_ref, **tolerance(grad.dtype), msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.fixture(params=["fused", "separate"])
+def backward_path(request, monkeypatch):
+    """Run the test with ∂L/∂w computed inside chunk_grad_kernel's walk ("fused", which the trainer's shapes take
+    where 256- or 512-feature blocks divide h) and by grad_weights_kernel ("separate"), whatever the shapes say."""
+    choose = triton_backend.backward_config
+    fused = request.param == "fused"
+    monkeypatch.setattr(triton_backend, "backward_config", lambda n, h: choose(n, h)._replace(fused=fused))
+    return request.param
+
+
 # (tau, tokens, chunks, out_features, score, temperature, x dtype, tables dtype, bias): tokens and out_features
 # are chosen off the 32-token / 16..128-feature tiles; 200 features span two feature tiles.
 CASES = {
@@ -84,7 +94,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_reference(case):
+def test_matches_reference(case, backward_path):
     tau, num_tokens, num_chunks, out_features, score, temperature, x_dtype, table_dtype, with_bias = case
     x, tables, bias = make_inputs(num_tokens, tau, num_chunks, out_features, x_dtype, table_dtype, with_bias)
     assert_matches_reference(x, tables, bias, tau, score, temperature)
@@ -121,14 +131,14 @@ def skewed_inputs(num_tokens, tau, num_chunks, out_features, dtype, hot_fraction
     ids=["tau10-hot-row", "tau8-hot-row-narrow", "tau3-every-row-hot"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, f64], ids=["fp32", "fp64"])
-def test_hot_rows_ties_and_ragged_shapes(tau, num_tokens, num_chunks, out_features, dtype):
+def test_hot_rows_ties_and_ragged_shapes(tau, num_tokens, num_chunks, out_features, dtype, backward_path):
     """Skewed codes (one row takes ~80% of the tokens, several tiles' worth of the table-gradient walk), exact
     ties, τ = 10 chunks, token counts and widths off every block size."""
     x, tables, bias = skewed_inputs(num_tokens, tau, num_chunks, out_features, dtype)
     assert_matches_reference(x, tables, bias, tau)
 
 
-def test_gradients_repeat_bit_for_bit():
+def test_gradients_repeat_bit_for_bit(backward_path):
     """No atomics and fixed summation orders: the same inputs give the same bits, hot rows included."""
     x, tables, bias = skewed_inputs(50, 4, 3, 40, torch.float32)
     grad_y = torch.randn(50, 40, device=DEVICE)
@@ -139,7 +149,7 @@ def test_gradients_repeat_bit_for_bit():
 
 
 @pytest.mark.parametrize("out_features", [520, 1024], ids=["masked-second-block", "two-even-blocks"])
-def test_table_gradient_across_feature_blocks(out_features):
+def test_table_gradient_across_feature_blocks(out_features, backward_path):
     """h wider than one table-gradient program: each feature block's program walks the tokens on its own (τ = 2:
     every row repeats, often on consecutive tokens), and the result repeats bit for bit."""
     assert triton_backend.triton.cdiv(out_features, triton_backend.backward_config(12, out_features).table_block_h) == 2
@@ -148,6 +158,17 @@ def test_table_gradient_across_feature_blocks(out_features):
     grad_y = torch.randn(12, out_features, device=DEVICE)
     first, second = (lookup_and_grads(memory_lookup_triton, (x, tables), grad_y, None, 2)[1][1] for _ in range(2))
     assert torch.equal(first, second)
+
+
+def test_backward_fuses_weight_gradient_where_the_walk_is_wide():
+    """∂w rides along the table-gradient walk when its feature blocks are unmasked and ≥ 256 wide (one warp, 8–16
+    values per thread), and has its own pass where they are narrow (mf-tiny's ML1, h = 640: 128 features)."""
+    configs = {h: triton_backend.backward_config(16384, h) for h in (1536, 1280, 640, 520)}
+    assert configs[1536].fused and (configs[1536].table_block_h, configs[1536].table_num_warps) == (512, 1)
+    assert configs[1280].fused and configs[1280].table_block_h == 256
+    assert not configs[640].fused and configs[640].table_block_h == 128
+    assert not configs[520].fused  # a masked 512-feature block
+    assert triton_backend.backward_config(1, 3072).fused  # decode too
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3])
@@ -203,7 +224,7 @@ def test_tau_16_codes_are_exact():
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, True)], ids=["x-only", "tables-and-bias"])
-def test_partial_gradients(needs):
+def test_partial_gradients(needs, backward_path):
     x, tables, bias = make_inputs(7, 4, 2, 40, torch.float32, torch.float32, True)
     leaves = [t.requires_grad_(need) for t, need in zip((x, tables, bias), needs, strict=True)]
     memory_lookup_triton(*leaves, 4).sum().backward()
@@ -303,7 +324,8 @@ def test_kernels_compile_for_cuda_and_report(tmp_path):
     """Every launch the new and legacy lookups make compiles to a cubin for sm_80 with the launcher's hints, and the
     machine code shows what issue 16 asks for: no spills, 128-bit gathers, no atomics or barriers in the forward
     loop, no atomics anywhere in the new backward (the legacy backward's atomics prove the counter works), a table
-    gradient without barriers, and a training backward of fewer instructions per term than the atomic one."""
+    gradient without barriers that computes ∂w too at training shapes, and a training backward of fewer
+    instructions per term than the atomic one."""
     env = os.environ | {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     report_path = tmp_path / "kernels.json"
     command = [sys.executable, "-m", "memoryformer.kernels.triton.compile_check", "--arch", "80", "--quick",
@@ -313,7 +335,7 @@ def test_kernels_compile_for_cuda_and_report(tmp_path):
     records = json.loads(report_path.read_text())
     new = [r for r in records if r["implementation"] == "new"]
     names = {r["kernel"] for r in new}
-    assert names == {"hash_kernel", "gather_kernel", "grad_weights_kernel", "grad_x_kernel", "table_grad_kernel"}
+    assert names == {"hash_kernel", "gather_kernel", "grad_weights_kernel", "grad_x_kernel", "chunk_grad_kernel"}
     assert all(r["spill_bytes"] == 0 and r["kernel_counts"]["atomics"] == 0 for r in new)
     training_gathers = [r for r in new if r["kernel"] == "gather_kernel" and "N=16384" in r["case"]]
     assert training_gathers
@@ -321,10 +343,12 @@ def test_kernels_compile_for_cuda_and_report(tmp_path):
         assert r["loop_counts"]["global_loads_128bit"] > 0, r
         assert r["loop_counts"]["barriers"] == 0 and r["loop_counts"]["shared_memory_ops"] == 0, r
     assert any(r["kernel_counts"]["atomics"] for r in records if r["kernel"] == "memory_lookup_backward_kernel")
-    for r in (r for r in new if r["kernel"] == "table_grad_kernel"):
+    for r in (r for r in new if r["kernel"] == "chunk_grad_kernel"):
         assert r["kernel_counts"]["barriers"] == 0 and r["kernel_counts"]["shared_memory_ops"] == 0, r
         if "N=16384" in r["case"]:
-            assert r["loop_counts"]["global_loads_128bit"] > 0 and r["loop_counts"]["unroll"] >= 1, r
+            assert r["loop_counts"]["global_loads_128bit"] > 0 and r["loop_counts"]["unroll"] == 4, r
+    training_backward = {r["kernel"] for r in new if r["phase"] == "backward" and "N=16384" in r["case"]}
+    assert training_backward == {"chunk_grad_kernel", "grad_x_kernel"}  # ∂w fused into the walk (h = 1536, 512)
 
     # The make-bench section renders it: one before/after row per case and phase, with the roofline after it.
     section = {"arch": 80, "kernels": records, "roofline": roofline()}
@@ -333,9 +357,9 @@ def test_kernels_compile_for_cuda_and_report(tmp_path):
     forward = next(row for row in rows if row["phase"] == "forward" and "N=16384" in row["case"])
     assert float(forward["fewer ×"]) > 1.5  # the new gather loop: fewer instructions per gathered value
     backward = next(row for row in rows if row["phase"] == "backward" and "N=16384 x fp32 tables bf16" in row["case"])
-    assert float(backward["fewer ×"]) > 1.2  # ∂w + table gradient loops vs the atomic backward's one loop
+    assert float(backward["fewer ×"]) > 1.6  # the fused walk vs the atomic backward's loop (396 → 225)
     markdown = "\n".join(render_kernel_report(section))
-    assert "table_grad_kernel" in markdown and "Roofline model" in markdown
+    assert "chunk_grad_kernel" in markdown and "Roofline model" in markdown
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")

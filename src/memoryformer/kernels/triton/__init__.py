@@ -6,14 +6,17 @@ Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
   for backward: 8 bytes per token and chunk); ``gather_kernel`` sums w·T[r] + bias over feature blocks in fp32
   (fp64 for fp64 input) whatever the tables' dtype. At small N (decode) the token block shrinks to N and the
   chunks are split across programs, the partial sums added in a fixed order afterwards.
-- Backward: ``grad_weights_kernel`` reads each grad_y tile once for all K chunks; ``grad_x_kernel`` applies ∂w/∂z;
-  ``table_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in order, a token
-  at a time, each thread owning fixed features (no barrier). No atomics, no sort, no host sync (CUDA-graph
-  friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
+- Backward: ``chunk_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in
+  order, a token at a time, each thread owning fixed features of the chunk's ∂L/∂tables slice (no barrier); where
+  its blocks are ≥ 256 wide and divide h it also gathers T[r] and writes ∂L/∂w's per-block partial sums on the way
+  (one pass over grad_y and the tables), elsewhere ``grad_weights_kernel`` computes them in token tiles.
+  ``grad_x_kernel`` sums them and applies ∂w/∂z. No atomics, no sort, no host sync (CUDA-graph friendly): the
+  same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
 - Gathers in bf16/fp16: tables stored in half precision are gathered as stored; fp32 tables are gathered from a
   half copy when ``gather_dtype`` asks, which by default it does under CUDA autocast (the trainer's mixed
   precision), the way autocast runs ``nn.Linear`` on a half copy of fp32 master weights. The copy is cached per
-  table version, so decode does not re-cast; ∂L/∂tables is always returned in the tables' own dtype.
+  table version, so decode does not re-cast; ∂L/∂tables is always returned in the tables' own dtype. bf16 values
+  are widened to fp32 by a shift or mask of their bits (exact: bf16 is the top half of an fp32).
 
 Verified without a GPU: the numerics, in Triton's interpreter on CPU (``TRITON_INTERPRET=1`` set before this module
 is imported), and the compiled code for sm_80/sm_90 (:mod:`memoryformer.kernels.triton.compile_check` writes the
@@ -47,11 +50,16 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # this, chunks are split across programs. A constant, not a device query, so a launch is the same on any GPU.
 FILL_PROGRAMS = 512
 VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered row segment
-# table_grad_kernel's feature block: 2 warps × 32 threads × 8 fp32 values (two 128-bit loads of g_n and of the slice
-# row per token). 4 or 16 values per thread cost 176 or 166 warp instructions per 1k terms instead of 139 (sm_80;
-# ptxas unrolls the 4- and 8-value token loops 4×, not the 16-value one).
-TABLE_VALUES_PER_THREAD = 8
+# chunk_grad_kernel's feature block: 1 warp × 32 threads × 16 fp32 values (four 128-bit loads of g_n and of the slice
+# row per token). Fused, warp instructions per 1k terms with bf16 / fp32 tables (sm_80, h = 3072): 16 values per
+# thread 228 / 197; 8 values 297 / 265; 2 warps × 8 values 334 / 305 (∂w's per-token sum across warps costs 3
+# barriers); 32 values 201 / 169 (182 registers, no spills) but half as many programs, and each program walks
+# every token serially: the walk has too few programs already (K·h/512: 192 for mf-tiny's QKV).
+TABLE_VALUES_PER_THREAD = 16
 TABLE_BLOCK_H = 512
+# The narrowest block that computes ∂w too: 256 features (mf-base's ML1, h = 1280) cost 297 / 265 fused vs 283 / 337
+# with grad_weights_kernel.
+FUSED_BLOCK_H = 256
 
 
 def triton_available() -> bool:
@@ -68,11 +76,12 @@ class ForwardConfig(NamedTuple):
 
 
 class BackwardConfig(NamedTuple):
+    table_block_h: int  # features per chunk_grad program (it owns a 2^τ × table_block_h fp32 slice of ∂L/∂tables)
+    table_num_warps: int  # every thread owns table_block_h / (32 · warps) features
+    fused: bool  # chunk_grad also computes ∂L/∂w; else grad_weights does, in tiles of:
     block_n: int  # tokens per grad_weights program
     block_h: int  # features per grad_weights program
     num_warps: int  # grad_weights
-    table_block_h: int  # features per table_grad program (it owns a 2^τ × table_block_h fp32 slice)
-    table_num_warps: int  # table_grad: every thread owns table_block_h / (32 · warps) features of the slice
 
 
 def _feature_block(out_features: int, widest: int) -> int:
@@ -103,14 +112,18 @@ def forward_config(num_tokens: int, out_features: int, num_chunks: int) -> Forwa
 
 
 def backward_config(num_tokens: int, out_features: int) -> BackwardConfig:
-    """∂w tiles like the forward's (sm_80: 32 × 128 is within 5% of 64 × 64, 64 × 128 and 16 × 256 per term);
-    table-gradient programs of up to TABLE_BLOCK_H features, TABLE_VALUES_PER_THREAD per thread (each owns a
-    2^τ × 512 fp32 slice: 512 KB at τ=8, 2 MB at τ=10)."""
-    block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
-    block_h = _feature_block(out_features, 128)
+    """chunk_grad programs of up to TABLE_BLOCK_H features, TABLE_VALUES_PER_THREAD per thread (each owns a
+    2^τ × 512 fp32 slice: 512 KB at τ=8, 2 MB at τ=10), computing ∂L/∂w on the way when the block divides h and is
+    at least FUSED_BLOCK_H wide. Narrower or masked blocks spend more per term on the per-token ∂w sum than a
+    separate pass does (h = 640, sm_80, bf16 tables: 420 with 128 features, 400 with 256 masked, vs 143 + 178
+    instructions per 1k terms), so there ``grad_weights_kernel`` computes ∂w in tiles like the forward's (32 × 128
+    is within 5% of 64 × 64, 64 × 128 and 16 × 256 per term)."""
     table_block_h = _feature_block(out_features, TABLE_BLOCK_H)
     table_num_warps = max(1, table_block_h // (32 * TABLE_VALUES_PER_THREAD))
-    return BackwardConfig(block_n, block_h, _warps(block_n * block_h), table_block_h, table_num_warps)
+    fused = table_block_h >= FUSED_BLOCK_H and out_features % table_block_h == 0
+    block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
+    block_h = _feature_block(out_features, 128)
+    return BackwardConfig(table_block_h, table_num_warps, fused, block_n, block_h, _warps(block_n * block_h))
 
 
 def check_lookup_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int) -> None:
@@ -207,10 +220,25 @@ def _backward(
     config = backward_config(num_tokens, out_features)
     empty = rows.numel() * out_features == 0
 
-    grad_x = None
-    if needs_grad_x:
-        grad_x = torch.zeros_like(x)
-        if not empty:
+    grad_x = torch.zeros_like(x) if needs_grad_x else None
+    needs_grad_tables = grad_tables_dtype is not None
+    grad_tables = torch.zeros(tables.shape, dtype=weights.dtype, device=x.device) if needs_grad_tables else None
+    fused = needs_grad_x and config.fused  # ∂L/∂w partial sums from the table-gradient walk
+    if not empty and (needs_grad_tables or fused):
+        num_h_blocks = triton.cdiv(out_features, config.table_block_h)
+        partial = weights.new_empty(num_h_blocks, num_chunks, num_tokens) if fused else None
+        kernels.chunk_grad_kernel[(num_chunks, num_h_blocks)](
+            rows, weights, tables, grad_y, grad_tables, partial, num_tokens, out_features,
+            tables.stride(0), grad_y.stride(0), out_features,  # grad_tables: new, contiguous
+            BLOCK_H=config.table_block_h, EVEN_H=out_features % config.table_block_h == 0,
+            GRAD_TABLES=needs_grad_tables, GRAD_WEIGHTS=fused, ACC=accumulator,
+            INDEX=_index_type(rows, tables, grad_y, *(t for t in (grad_tables, partial) if t is not None)),
+            # One stage, as a guard: a software-pipelined load of a slice row ahead of the previous tokens' writes
+            # would read stale values (the kernel prefetches one token itself and carries a repeated row's value).
+            num_warps=config.table_num_warps, num_stages=1,
+        )  # fmt: skip
+    if needs_grad_x and not empty:
+        if not fused:
             num_h_blocks = triton.cdiv(out_features, config.block_h)
             partial = weights.new_empty(num_h_blocks, num_chunks, num_tokens)
             kernels.grad_weights_kernel[(triton.cdiv(num_tokens, config.block_n), num_h_blocks)](
@@ -219,27 +247,13 @@ def _backward(
                 BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=out_features % config.block_h == 0,
                 ACC=accumulator, INDEX=_index_type(rows, tables, grad_y, partial), num_warps=config.num_warps,
             )  # fmt: skip
-            block_n = min(64, triton.next_power_of_2(num_tokens))
-            kernels.grad_x_kernel[(triton.cdiv(num_tokens, block_n), num_chunks)](
-                x, temperature, partial, grad_x, num_tokens, num_chunks, num_h_blocks, x.stride(0), grad_x.stride(0),
-                TAU=tau, TAU_BLOCK=triton.next_power_of_2(tau), BLOCK_N=block_n, PAPER=score == "paper",
-                ACC=accumulator, num_warps=_warps(block_n * tau),
-            )  # fmt: skip
-
-    if grad_tables_dtype is None:
-        return grad_x, None
-    grad_tables = torch.zeros(tables.shape, dtype=weights.dtype, device=x.device)
-    if not empty:
-        grid = (num_chunks, triton.cdiv(out_features, config.table_block_h))
-        kernels.table_grad_kernel[grid](
-            rows, weights, grad_y, grad_tables, num_tokens, out_features, grad_y.stride(0), grad_tables.stride(0),
-            BLOCK_H=config.table_block_h, EVEN_H=out_features % config.table_block_h == 0, ACC=accumulator,
-            INDEX=_index_type(rows, grad_y, grad_tables),
-            # One stage, as a guard: a software-pipelined load of a slice row ahead of the previous tokens' writes
-            # would read stale values (the kernel prefetches one token itself and carries a repeated row's value).
-            num_warps=config.table_num_warps, num_stages=1,
+        block_n = min(64, triton.next_power_of_2(num_tokens))
+        kernels.grad_x_kernel[(triton.cdiv(num_tokens, block_n), num_chunks)](
+            x, temperature, partial, grad_x, num_tokens, num_chunks, num_h_blocks, x.stride(0), grad_x.stride(0),
+            TAU=tau, TAU_BLOCK=triton.next_power_of_2(tau), BLOCK_N=block_n, PAPER=score == "paper",
+            ACC=accumulator, num_warps=_warps(block_n * tau),
         )  # fmt: skip
-    return grad_x, grad_tables.to(grad_tables_dtype)
+    return grad_x, None if grad_tables is None else grad_tables.to(grad_tables_dtype)
 
 
 class MemoryLookupFunction(torch.autograd.Function):

@@ -10,11 +10,13 @@ and disassembled with its ``nvdisasm``; nothing runs.
 The report (:func:`kernel_report`) gives per kernel: registers and spill bytes (``ptxas -v``), global loads by
 width (``LDG.E.128`` is a 128-bit vector), atomics (``RED``/``ATOM``), barriers, and the SASS instructions of the
 hot loop (the backward branch around the most global loads) per pass and per 1024 lookup terms (token, chunk,
-feature): warp instructions × warps × 1024 / the terms of a pass. A pass is ``unroll`` source iterations when ptxas
-unrolled the loop (found from its one-iteration remainder loop); a source iteration handles BLOCK_N × BLOCK_H terms
-(a token tile), or BLOCK_H in ``table_grad_kernel``, which walks one token at a time. In forward a term is one
-gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make bench``
-includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
+feature): warp instructions × warps × 1024 / the terms of a pass. A pass is ``unroll`` source iterations when the
+loop was unrolled (by ptxas, or by Triton's ``loop_unroll_factor``; found from the one-iteration remainder loop); a
+source iteration handles BLOCK_N × BLOCK_H terms (a token tile), or BLOCK_H in ``chunk_grad_kernel``, which walks
+one token at a time and does all the backward's per-term work there: the table-gradient update and, fused, the ∂w
+product. The hot loop's instructions are all those from its head to its backward branch. In forward a term is
+one gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make
+bench`` includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
 
 Usage (``TRITON_INTERPRET`` must be unset or 0)::
 
@@ -259,7 +261,7 @@ def loop_terms(launch: Launch) -> int | None:
     """Lookup terms (token, chunk, feature) one program handles per source iteration of its hot loop: the unit in
     which kernels of different shapes compare (a term is one gathered table value in forward)."""
     bound = dict(zip(launch.kernel.arg_names, launch.args, strict=False)) | launch.kwargs
-    if launch.kernel.__name__ == "table_grad_kernel":
+    if launch.kernel.__name__ == "chunk_grad_kernel":
         return bound["BLOCK_H"]  # one token per iteration (its chunk k fixed by the program)
     if launch.kernel.__name__ in ("hash_kernel", "grad_x_kernel", "segment_scatter_kernel"):
         return None  # per (token, chunk), not per term: no hot loop over table rows

@@ -6,12 +6,13 @@ table rows k·2^τ + code) and ``weights`` [K, N]; every other kernel streams th
 - forward :func:`gather_kernel`: a program owns BLOCK_N tokens × BLOCK_H features and a range of chunks (all of
   them, or a split for small N, summed afterwards in a fixed order), and gathers table rows along h (coalesced,
   128-bit loads) into an fp32 (fp64) accumulator.
-- backward :func:`grad_weights_kernel`: ∂L/∂w_{n,k} = ⟨g_n, T[r_{n,k}]⟩ with each grad_y tile read once for all
-  K chunks, as per-feature-block partial sums; :func:`grad_x_kernel` sums them in a fixed order and applies
-  ∂w/∂z (re-hashing one chunk of x); :func:`table_grad_kernel`: one program per (chunk, feature block) owns that
-  chunk's 2^τ × BLOCK_H slice of ∂L/∂tables and walks the tokens one at a time, in order, each thread owning
-  fixed features of the slice, so no other program or thread writes what it reads: no atomics, no barrier, no
-  sort, no host sync, the same bits every run.
+- backward :func:`chunk_grad_kernel`: one program per (chunk, feature block) owns that chunk's 2^τ × BLOCK_H slice
+  of ∂L/∂tables and walks the tokens one at a time, in order, each thread owning fixed features of the slice, so no
+  other program or thread writes what it reads: no atomics, no barrier, no sort, no host sync, the same bits every
+  run. On the way it gathers T[r_{n,k}] and writes ∂L/∂w_{n,k} = ⟨g_n, T[r_{n,k}]⟩ over its block as a partial
+  sum (the fused path, where the block is wide enough to pay for the per-token sum); otherwise
+  :func:`grad_weights_kernel` computes those partials in token tiles, each grad_y tile read once for all K
+  chunks. :func:`grad_x_kernel` sums the partials in a fixed order and applies ∂w/∂z (re-hashing one chunk of x).
 
 Offsets are int32 (``INDEX``) unless a tensor has 2^31 elements or more: 64-bit address arithmetic per gathered
 row made the gather loop 163 SASS instructions instead of 126 (sm_80, 32 × 128 tile).
@@ -97,6 +98,17 @@ def _grad_chunk(z, s, grad_w, temperature_ptr, PAPER: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def _widen(values, ACC: tl.constexpr):
+    """Table values in ACC. bf16 is the top half of an fp32, so its widening is a shift or mask of the bits (one
+    integer op per value, where ptxas's generic conversion spends two on every odd value of a packed pair)."""
+    if values.dtype == tl.bfloat16:
+        bits = values.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return values.to(ACC)
+
+
+@triton.jit
 def hash_kernel(
     x_ptr,
     temperature_ptr,
@@ -169,7 +181,7 @@ def gather_kernel(
         next_w = tl.load(weights_ptr + chunk_offset, mask=has_next, other=0.0)
         row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
         gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
-        acc += w[:, None] * gathered.to(ACC)
+        acc += w[:, None] * _widen(gathered, ACC)
         rows, w = next_rows, next_w
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_h, mask=mask_h, other=0.0).to(ACC)[None, :]
@@ -194,7 +206,8 @@ def grad_weights_kernel(
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}]⟩ over one feature block: ∂L/∂w_{n,k} before summing blocks.
+    """partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}]⟩ over one feature block: ∂L/∂w_{n,k} before summing blocks,
+    when :func:`chunk_grad_kernel` does not compute it (narrow feature blocks).
 
     Grid: (cdiv(N, BLOCK_N), cdiv(H, BLOCK_H)). The grad_y tile is loaded once and used for every chunk.
     """
@@ -212,7 +225,7 @@ def grad_weights_kernel(
         rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
         row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
         gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
-        partial = tl.sum(g * gathered.to(ACC), axis=1)
+        partial = tl.sum(g * _widen(gathered, ACC), axis=1)
         tl.store(partial_ptr + chunk_offset, partial, mask=mask_n)
         chunk_offset += N
 
@@ -234,7 +247,8 @@ def grad_x_kernel(
     PAPER: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """grad_x[n, chunk k] = ∂L/∂w_{n,k} · ∂w/∂z, summing :func:`grad_weights_kernel`'s blocks in order.
+    """grad_x[n, chunk k] = ∂L/∂w_{n,k} · ∂w/∂z, summing the feature blocks' partials (from
+    :func:`chunk_grad_kernel` or :func:`grad_weights_kernel`) in block order.
 
     Grid: (cdiv(N, BLOCK_N), K).
     """
@@ -265,58 +279,85 @@ def _load_features(ptrs, mask_h, EVEN_H: tl.constexpr):
 
 
 @triton.jit
-def table_grad_kernel(
+def chunk_grad_kernel(
     rows_ptr,
     weights_ptr,
+    tables_ptr,
     grad_y_ptr,
     grad_tables_ptr,
+    partial_ptr,
     N,
     H,
+    stride_tr,
     stride_gn,
     stride_gtr,
     BLOCK_H: tl.constexpr,
     EVEN_H: tl.constexpr,
+    GRAD_TABLES: tl.constexpr,
+    GRAD_WEIGHTS: tl.constexpr,
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r, for one (k, h-block).
+    """One (chunk k, feature block) of the backward, walking the tokens in order: with GRAD_TABLES,
+    ∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r; with GRAD_WEIGHTS,
+    partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}, h-block]⟩ (∂L/∂w_{n,k} before :func:`grad_x_kernel` sums blocks).
 
     Grid: (K, cdiv(H, BLOCK_H)), chunks fastest so the K programs of one feature block stream the same grad_y
     columns through L2 together. The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
-    zero-initialised ACC buffer ``grad_tables`` and walks the tokens one at a time, in order: a scalar row and
-    weight, a BLOCK_H vector of g_n, then read, add and write T[r, h-block]. Every feature of the block stays in
-    one thread for the whole walk (one layout, no conversion: the kernel report shows no barrier or shared memory
-    in the loop), so each address of the slice is written by one thread only, which reads it itself (in a block
-    narrower than the warp, replica threads read too but never write), and program order alone orders a row's
-    updates: no same-row sums, no barrier, no atomics, no sort, no host sync, and the same bits on every run (each
-    row's sum in token order).
+    zero-initialised ACC buffer ``grad_tables`` and walks the tokens one at a time: a scalar row and weight, a
+    BLOCK_H vector of g_n, then read, add and write T[r, h-block]. Every feature of the block stays in one thread
+    for the whole walk (one layout: the kernel report shows no shared memory in the loop), so each address of the
+    slice is written by one thread only, which reads it itself, and program order alone orders a row's updates: no
+    same-row sums, no atomics, no sort, no host sync, and the same bits on every run (each row's sum in token
+    order). ∂w needs a sum across the block's threads per token: launched with one warp it is 5 shuffles and no
+    barrier (two warps add 3 barriers per token); the gathered bf16 row is loaded 4 values per thread, the layout
+    of the fp32 vectors (8 would be one 128-bit load but a shuffle conversion per value), and widened by bit ops.
 
-    The next token's row, weight, g_n and slice row are loaded before this token's write (their latency overlaps
-    one token's work); when the next token hits the same row, its prefetched slice row misses this token's update,
-    so the value just computed is carried instead.
+    The next token's row, weight, g_n, gathered row and slice row are loaded before this token's write (their
+    latency overlaps one token's work); when the next token hits the same row, its prefetched slice row misses this
+    token's update, so the value just computed is carried instead (a select per value; re-reading the row after
+    the write instead costs 11–15% fewer instructions but a store-to-load round trip per token of a hot row).
     """
     k = tl.program_id(0)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_block = tl.program_id(1)
+    offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
     rows_ptr += k.to(INDEX) * N  # chunk k's tokens, contiguous
     weights_ptr += k.to(INDEX) * N
-    slice_ptrs = grad_tables_ptr + offs_h
     g_ptrs = grad_y_ptr + offs_h
 
     row = tl.load(rows_ptr)
     w = tl.load(weights_ptr)
     g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
-    row_ptrs = slice_ptrs + row.to(INDEX) * stride_gtr
-    current = _load_features(row_ptrs, mask_h, EVEN_H)
-    for n in range(1, N):  # loads token n, writes token n − 1
+    if GRAD_WEIGHTS:
+        partial_ptr += (h_block.to(INDEX) * tl.num_programs(0) + k) * N
+        table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
+        gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+    if GRAD_TABLES:
+        slice_ptrs = grad_tables_ptr + offs_h
+        current = _load_features(slice_ptrs + row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
+    # Fused, unrolled 4× here (ptxas does not unroll it): no register copies between tokens, 1.1–1.3× fewer
+    # instructions. The table gradient alone is left to ptxas, which unrolls it 4× itself (within 8% either way).
+    for n in tl.range(1, N, loop_unroll_factor=4 if GRAD_WEIGHTS else 1):  # loads token n, finishes token n − 1
         next_row = tl.load(rows_ptr + n)
         next_w = tl.load(weights_ptr + n)
-        g_ptrs += stride_gn
-        next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
-        next_row_ptrs = slice_ptrs + next_row.to(INDEX) * stride_gtr
-        next_slice = _load_features(next_row_ptrs, mask_h, EVEN_H)
-        updated = current + w * g
-        tl.store(row_ptrs, updated, mask=mask_h)
-        current = tl.where(next_row == row, updated, next_slice)
-        row, w, g, row_ptrs = next_row, next_w, next_g, next_row_ptrs
-    tl.store(row_ptrs, current + w * g, mask=mask_h)
+        if GRAD_WEIGHTS:
+            # Pointer vectors rebuilt from scalars: carried, Triton would give them a second layout in the unrolled
+            # loop's remainder, converted through shared memory (3 barriers) per token there.
+            next_g = _load_features(g_ptrs + tl.cast(n, INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+            next_gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+            tl.store(partial_ptr + n - 1, tl.sum(g * gathered))
+            gathered = next_gathered
+        else:  # carried: 8% fewer instructions than rebuilt (sm_80, 128 features)
+            g_ptrs += stride_gn
+            next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
+        if GRAD_TABLES:
+            next_slice = _load_features(slice_ptrs + next_row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
+            updated = current + w * g
+            tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, updated, mask=mask_h)
+            current = tl.where(next_row == row, updated, next_slice)
+        row, w, g = next_row, next_w, next_g
+    if GRAD_WEIGHTS:
+        tl.store(partial_ptr + N - 1, tl.sum(g * gathered))
+    if GRAD_TABLES:
+        tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, current + w * g, mask=mask_h)

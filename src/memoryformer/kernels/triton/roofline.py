@@ -9,12 +9,15 @@ Forward (``hash_kernel`` + ``gather_kernel``)
     - gathered bytes (L2 → SM): N·K·h·e_t. Token blocks run through the chunks in step, so the live working set is
       a few chunks' 2^τ·h·e_t slices (786 KB for mf-tiny's QKV in bf16): gathers after the first touch hit L2.
     - FLOPs: 2·N·K·h (one FMA per gathered value) plus ~10 per x element for the hash.
-Backward (``grad_weights_kernel`` + ``grad_x_kernel`` + ``table_grad_kernel``)
+Backward (``chunk_grad_kernel`` + ``grad_x_kernel``, and ``grad_weights_kernel`` where 256 does not divide h)
     - compulsory HBM bytes: grad_y once (N·h·4), rows/weights, x and grad_x, the fp32 table gradient written once
       (K·2^τ·h·4) plus its cast to the table dtype, and the touched table rows once more.
     - gathered bytes (L2 → SM): N·K·h·e_t again (∂L/∂w), grad_y once per chunk (N·h·4·K: the K programs of a
       feature block stream the same columns), and the table gradient's read-modify-write of one slice row per
-      (token, chunk) (N·K·h·8; a program's 2^τ × 512 fp32 slice, 512 KB at τ=8, is larger than L1, so L2).
+      (token, chunk) (N·K·h·8; a program's 2^τ × 512 fp32 slice, 512 KB at τ=8, is larger than L1, so L2). Fused,
+      one walk does the ∂w gathers and the table gradient, so grad_y's columns are read once per chunk for both.
+      Not counted: ∂L/∂w's partial sums, written and read back once (N·K·4 per feature block: 256–512 features fused,
+      128 otherwise; 12 MB for mf-tiny's QKV at 16k tokens, L2-sized).
     - FLOPs: 2·N·K·h for ∂L/∂w and 2·N·K·h for the table gradient, plus ~30 per x element for ∂w/∂z.
 
 Time bound = max(compulsory bytes / HBM bandwidth, gathered bytes / L2 bandwidth, FLOPs / peak, hot-loop warp
