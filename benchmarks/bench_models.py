@@ -44,7 +44,7 @@ from memoryformer.kernels import resolve_backend
 from memoryformer.layers.attention import RotaryEmbedding
 from memoryformer.layers.memory_layer import MemoryLayer
 from memoryformer.models import MemoryFormerConfig, build_model, model_config
-from memoryformer.models.decode import build_for_inference, enable_compiled_decode
+from memoryformer.models.decode import build_for_inference, compiled_generation_config, compiler_available
 from memoryformer.models.kv_cache import InPlaceKVCache
 from memoryformer.models.modeling_memoryformer import MemoryFormerBlock
 
@@ -444,10 +444,11 @@ def decode_variants(name: str, pair: str, overrides: dict, compile_: bool) -> li
     variants = []
     for dtype in dtypes:
         model = build_for_inference(name, dtype, **overrides)
-        eager = copy.deepcopy(model.generation_config)
-        paths = [("eager", eager)]
-        if compile_ and enable_compiled_decode(model):
-            paths.append(("compiled", model.generation_config))
+        # Each path passes its own config; the model's stays eager, because generate fills a passed config's
+        # unset fields from it (a compiled model config would make the "eager" path compiled too).
+        paths = [("eager", model.generation_config)]
+        if compile_ and compiler_available():
+            paths.append(("compiled", compiled_generation_config(model.generation_config)))
         for path, generation_config in paths:
             variants.append(
                 {

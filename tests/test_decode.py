@@ -12,6 +12,7 @@ from memoryformer.layers import MemoryLayer
 from memoryformer.models import build_model, decode
 from memoryformer.models.decode import (
     build_for_inference,
+    compiled_generation_config,
     enable_compiled_decode,
     parse_dtype,
     to_inference_dtype,
@@ -379,3 +380,15 @@ def test_pythia_decodes_the_same_with_the_in_place_cache():
     in_place_tokens, in_place_logits = greedy(model, prompt, past_key_values=InPlaceKVCache(model.config))
     assert torch.equal(in_place_tokens, tokens)
     torch.testing.assert_close(in_place_logits, logits, atol=1e-6, rtol=1e-6)
+
+
+@needs_cpu_kernel
+def test_a_compiled_config_leaves_the_model_decoding_eagerly(fused_calls):
+    """``generate`` fills a passed config's unset fields from the model's own, so the compiled variant is a separate
+    config and the model's stays eager (the benchmark times both paths of one model)."""
+    model = tiny()
+    compiled = compiled_generation_config(model.generation_config)
+    assert compiled.cache_implementation == "static" and compiled.compile_config is decode.COMPILE_CONFIG
+    assert model.generation_config.cache_implementation is None and model.generation_config.compile_config is None
+    greedy(model, torch.randint(VOCAB, (1, 5)), generation_config=copy.deepcopy(model.generation_config))
+    assert fused_calls  # the eager default: in-place cache, fused blocks

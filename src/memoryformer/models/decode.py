@@ -31,12 +31,13 @@ measures the architecture, not engineering done on one side only:
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.generation import CompileConfig
+from transformers.generation import CompileConfig, GenerationConfig
 
 from memoryformer.layers.memory_layer import MemoryLayer
 
@@ -117,17 +118,27 @@ def compiler_available() -> bool:
     return True
 
 
+def compiled_generation_config(generation_config: GenerationConfig) -> GenerationConfig:
+    """A copy of ``generation_config`` that decodes with a static KV cache and a compiled per-token step."""
+    config = copy.deepcopy(generation_config)
+    config.cache_implementation = "static"
+    config.compile_config = COMPILE_CONFIG
+    return config
+
+
 def enable_compiled_decode(model: nn.Module) -> bool:
     """Make ``model.generate`` decode with a static KV cache and a compiled per-token step; True if enabled.
 
     Returns False, leaving ``generate`` on its eager default, when no compiler is available. Greedy tokens are
     the eager path's (tests/test_decode.py). The first ``generate`` compiles (minutes on 2 busy cores); later calls
     of the same batch size and cache length reuse the compiled step (the prefill itself runs eagerly).
+
+    This sets ``model.generation_config``, which ``generate`` also uses to fill the unset fields of a config passed
+    to it: to decode one model both ways, pass :func:`compiled_generation_config` per call instead.
     """
     if not compiler_available():
         return False
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = COMPILE_CONFIG
+    model.generation_config = compiled_generation_config(model.generation_config)
     return True
 
 
@@ -140,6 +151,7 @@ def disable_compiled_decode(model: nn.Module) -> None:
 __all__ = [
     "DTYPES",
     "build_for_inference",
+    "compiled_generation_config",
     "compiler_available",
     "disable_compiled_decode",
     "enable_compiled_decode",
