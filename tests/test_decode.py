@@ -191,9 +191,9 @@ def fused_calls(monkeypatch):
     calls = []
     fused = modeling_memoryformer.memory_block_decode_cpu
 
-    def spy(**arguments):
-        calls.append(arguments["length"])
-        return fused(**arguments)
+    def spy(*arguments):
+        calls.append(arguments[5])  # the cache length
+        return fused(*arguments)
 
     monkeypatch.setattr(modeling_memoryformer, "memory_block_decode_cpu", spy)
     return calls
@@ -292,41 +292,21 @@ def test_fused_decode_is_skipped_where_it_does_not_apply(fused_calls, monkeypatc
 
 
 @needs_cpu_kernel
-def test_fused_operator_refuses_a_cache_without_room():
+def test_fused_operator_takes_the_operands_in_its_schema_order_and_refuses_a_full_cache():
     from memoryformer.kernels.cpu import memory_block_decode_cpu
 
     torch.manual_seed(0)
     block = tiny().model.layers[0]
+    operands = block.fused_decode_operands()
+    schema = torch.ops.memoryformer.memory_block_decode.default._schema
+    names = [argument.name for argument in schema.arguments]
+    assert names[:6] == ["hidden", "cos", "sin", "key_cache", "value_cache", "length"]
+    assert names[6:] == list(operands)  # the positional call in fused_decode relies on this order
     d, heads = SHAPES[0][0], SHAPES[0][1]
     full = torch.zeros(1, heads, 4, d // heads)
+    rotary = torch.ones(1, 1, 8), torch.zeros(1, 1, 8)
     with pytest.raises(ValueError, match="no room at position 4"):
-        memory_block_decode_cpu(
-            hidden=torch.randn(1, 1, d),
-            attention_norm_scale=block.attention_norm.scale,
-            rms_norm_eps=1e-8,
-            qkv_tables=block.attention.qkv.tables,
-            qkv_bias=block.attention.qkv.bias,
-            tau=block.attention.qkv.tau,
-            cos=torch.ones(1, 1, 8),
-            sin=torch.zeros(1, 1, 8),
-            key_cache=full,
-            value_cache=full.clone(),
-            length=4,
-            num_heads=heads,
-            scaling=1.0,
-            memory_block_norm_scale=block.memory_block_norm.scale,
-            ml1_tables=block.memory_block.ml1.tables,
-            ml1_bias=block.memory_block.ml1.bias,
-            gelu=False,
-            layer_norm_weight=block.memory_block.norm.weight,
-            layer_norm_bias=block.memory_block.norm.bias,
-            layer_norm_eps=1e-5,
-            ml2_tables=block.memory_block.ml2.tables,
-            ml2_bias=block.memory_block.ml2.bias,
-            ml2_tau=block.memory_block.ml2.tau,
-            score="l1",
-            temperature=1.0,
-        )
+        memory_block_decode_cpu(torch.randn(1, 1, d), *rotary, full, full.clone(), 4, *operands.values())
 
 
 def test_in_place_cache_holds_what_dynamic_cache_holds(monkeypatch):

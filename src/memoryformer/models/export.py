@@ -52,7 +52,7 @@ STUBS: dict[str, str] = {
     )
     + """
 
-def memory_block_decode_cpu(**arguments):
+def memory_block_decode_cpu(*arguments):
     raise RuntimeError("the fused block decode is not shipped in checkpoints; load the model through memoryformer")
 """,
     f"{PACKAGE}.kernels.triton": _STUB_FALLBACK.format(

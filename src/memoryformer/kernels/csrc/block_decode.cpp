@@ -5,7 +5,8 @@
 //   x = x + o;  x = x + ML2(LayerNorm(act(ML1(RMSNorm(x)))))
 //
 // Operator (namespace memoryformer):
-//   memory_block_decode(hidden [batch, 1, d], ..., key_cache, value_cache, length, ...) -> hidden'   inference only
+//   memory_block_decode(hidden [batch, 1, d], cos, sin, key_cache, value_cache, length, <the block's weights>)
+//       -> hidden'                                                                   inference only
 //
 // At decode a block is ~50 tiny torch ops whose dispatch, allocation and KV-cache concatenation cost several times
 // the block's memory traffic (0.7 MB of table rows and the cache); here they are plain loops over registers and
@@ -150,15 +151,15 @@ void check_vector(const at::Tensor& t, const char* name, int64_t size) {
                     t.sizes(), " ", t.scalar_type());
 }
 
-at::Tensor memory_block_decode(const at::Tensor& hidden, const at::Tensor& attention_norm_scale, double rms_norm_eps,
+at::Tensor memory_block_decode(const at::Tensor& hidden, const at::Tensor& cos, const at::Tensor& sin,
+                               const at::Tensor& key_cache, const at::Tensor& value_cache, int64_t length,
+                               const at::Tensor& attention_norm_scale, double rms_norm_eps,
                                const at::Tensor& qkv_tables, const at::Tensor& qkv_bias, int64_t tau,
-                               const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& key_cache,
-                               const at::Tensor& value_cache, int64_t length, int64_t num_heads, double scaling,
-                               const at::Tensor& memory_block_norm_scale, const at::Tensor& ml1_tables,
-                               const at::Tensor& ml1_bias, bool gelu, const at::Tensor& layer_norm_weight,
-                               const at::Tensor& layer_norm_bias, double layer_norm_eps, const at::Tensor& ml2_tables,
-                               const at::Tensor& ml2_bias, int64_t ml2_tau, c10::string_view score,
-                               double temperature) {
+                               int64_t num_heads, double scaling, const at::Tensor& memory_block_norm_scale,
+                               const at::Tensor& ml1_tables, const at::Tensor& ml1_bias, bool gelu,
+                               const at::Tensor& layer_norm_weight, const at::Tensor& layer_norm_bias,
+                               double layer_norm_eps, const at::Tensor& ml2_tables, const at::Tensor& ml2_bias,
+                               int64_t ml2_tau, c10::string_view score, double temperature) {
   TORCH_CHECK_VALUE(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && hidden.dim() >= 2,
                     "memory_block_decode: hidden must be an fp32 CPU tensor [batch, ..., d] of one token per "
                     "sequence, got ", hidden.sizes(), " ", hidden.scalar_type());
@@ -256,9 +257,10 @@ at::Tensor memory_block_decode(const at::Tensor& hidden, const at::Tensor& atten
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(memoryformer, m) {
+  // The call's own inputs first, then the block's weights and shapes (MemoryFormerBlock.fused_decode_operands).
   m.def(
-      "memory_block_decode(Tensor hidden, Tensor attention_norm_scale, float rms_norm_eps, Tensor qkv_tables, "
-      "Tensor qkv_bias, int tau, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int length, "
+      "memory_block_decode(Tensor hidden, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "int length, Tensor attention_norm_scale, float rms_norm_eps, Tensor qkv_tables, Tensor qkv_bias, int tau, "
       "int num_heads, float scaling, Tensor memory_block_norm_scale, Tensor ml1_tables, Tensor ml1_bias, bool gelu, "
       "Tensor layer_norm_weight, Tensor layer_norm_bias, float layer_norm_eps, Tensor ml2_tables, Tensor ml2_bias, "
       "int ml2_tau, str score, float temperature) -> Tensor");
