@@ -41,6 +41,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoX
 
 from benchmarks.bench_kernels import summarise, time_side_by_side
 from memoryformer.kernels import resolve_backend
+from memoryformer.kernels.cpu import cpu_kernel_available, memory_block_decode_cpu
 from memoryformer.layers.attention import RotaryEmbedding
 from memoryformer.layers.memory_layer import MemoryLayer
 from memoryformer.models import MemoryFormerConfig, build_model, model_config
@@ -125,23 +126,45 @@ def kv_cache_bytes(config: PretrainedConfig, tokens: int) -> int:
 
 
 @torch.no_grad()
+def decode_setting(
+    block: nn.Module, config: PretrainedConfig, kv_cache: int, cache_class: type[DynamicCache]
+) -> tuple[DynamicCache, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A cache of ``cache_class`` filled with a ``kv_cache``-token prompt by ``block``, a pool of one-token inputs,
+    and their rotary embeddings at position ``kv_cache``."""
+    d, rotary = config.hidden_size, rotary_embedding(config)
+    cache = cache_class(config=config)
+    prompt = torch.randn(1, kv_cache, d)
+    run_block(block, prompt, rotary(prompt, torch.arange(kv_cache)[None]), cache)
+    tokens = [torch.randn(1, 1, d) for _ in range(INPUT_POOL)]
+    return cache, tokens, rotary(tokens[0], torch.tensor([[kv_cache]]))
+
+
 def block_decode_call(
     block: nn.Module, config: PretrainedConfig, kv_cache: int, cache_class: type[DynamicCache] = InPlaceKVCache
 ) -> Callable[[int], object]:
     """fn(i): decode one token at position ``kv_cache`` against a cache of ``kv_cache`` tokens, then drop it again
     so every call sees the same cache length. Both families use the in-place cache (a MemoryFormer block then runs
     fused); ``cache_class=DynamicCache`` runs a MemoryFormer block's modules instead."""
-    d, rotary = config.hidden_size, rotary_embedding(config)
-    cache = cache_class(config=config)
-    prompt = torch.randn(1, kv_cache, d)
-    run_block(block, prompt, rotary(prompt, torch.arange(kv_cache)[None]), cache)
-    tokens = [torch.randn(1, 1, d) for _ in range(INPUT_POOL)]
-    position_embeddings = rotary(tokens[0], torch.tensor([[kv_cache]]))
+    cache, tokens, position_embeddings = decode_setting(block, config, kv_cache, cache_class)
 
     def call(i: int) -> None:
         with torch.no_grad():
             run_block(block, tokens[i % INPUT_POOL], position_embeddings, cache)
         cache.crop(-1)
+
+    return call
+
+
+def fused_operator_call(block: MemoryFormerBlock, config: PretrainedConfig, kv_cache: int) -> Callable[[int], object]:
+    """fn(i): what :func:`block_decode_call` times of a MemoryFormer block minus the Python around its fused
+    operator: the operator alone, writing the same cache slot each call."""
+    cache, tokens, (cos, sin) = decode_setting(block, config, kv_cache, InPlaceKVCache)
+    slot = (1, block.attention.num_heads, 1, block.attention.head_dim)
+    keys, values, length = cache.layers[block.attention.layer_idx].reserve(slot, tokens[0])
+    operands = tuple(block.fused_decode_operands().values())
+
+    def call(i: int) -> None:
+        memory_block_decode_cpu(tokens[i % INPUT_POOL], cos, sin, keys, values, length, *operands)
 
     return call
 
@@ -195,6 +218,7 @@ def run_block_benchmark(quick: bool) -> dict:
              "pythia": {"model": str, "weight_bytes_per_token": int, <summary>},
              "attention": <summary>,        # the shared part alone: KV-cache append + SDPA (attention_call)
              "memoryformer_modules": <summary>,  # decode only: the MemoryFormer block's modules, DynamicCache
+             "memoryformer_operator": <summary>,  # decode, when the operator builds: it alone (no Python around it)
              "latency_ratio": float,        # memoryformer median / pythia median
              "latency_ratio_beyond_attention": float,  # the same with the attention median taken off both
              "weight_bytes_ratio": float,   # memoryformer / pythia weight bytes per token
@@ -216,9 +240,11 @@ def run_block_benchmark(quick: bool) -> dict:
         for phase, tokens, kv_cache, make_call in phases:
             calls = {name: make_call(block, block_config, kv_cache or tokens) for name, block, block_config in blocks}
             calls["attention"] = attention_call(config, tokens, kv_cache)
-            if phase == "decode":  # the MemoryFormer block's modules, for the gain of the fused step
+            if phase == "decode":  # the MemoryFormer block's modules and its fused operator alone
                 mf_block = next(block for _, block, c in blocks if family(c) == "memoryformer")
                 calls["memoryformer_modules"] = block_decode_call(mf_block, config, kv_cache, DynamicCache)
+                if cpu_kernel_available():
+                    calls["memoryformer_operator"] = fused_operator_call(mf_block, config, kv_cache)
             timings = side_by_side(calls, sizes)
             row = {"d": config.hidden_size, "phase": phase, "tokens": tokens, "kv_cache": kv_cache}
             for name, block, block_config in blocks:
@@ -229,7 +255,9 @@ def run_block_benchmark(quick: bool) -> dict:
                 }
             row["attention"] = summarise(timings["attention"], tokens)
             if phase == "decode":
-                row["memoryformer_modules"] = summarise(timings["memoryformer_modules"], tokens)
+                for part in ("memoryformer_modules", "memoryformer_operator"):
+                    if part in timings:
+                        row[part] = summarise(timings[part], tokens)
             mf, pythia, attention = row["memoryformer"], row["pythia"], row["attention"]["median_us"]
             row["latency_ratio"] = mf["median_us"] / pythia["median_us"]
             row["latency_ratio_beyond_attention"] = (mf["median_us"] - attention) / (pythia["median_us"] - attention)

@@ -123,11 +123,12 @@ def block_target(blocks: Mapping[str, Any], copy_bandwidth_gbs: float | None) ->
         # Reading is half of a copy's (read + write) traffic.
         read_us = (mf["weight_bytes_per_token"] + row["kv_cache_bytes"]) / (copy_bandwidth_gbs / 2 * 1e9) * 1e6
         floor = f". Reading the MemoryFormer block's weights and cache at this machine's bandwidth: ~{read_us:.0f} µs"
-    modules = row.get("memoryformer_modules")
+    modules, operator = row.get("memoryformer_modules"), row.get("memoryformer_operator")
     fused = (
-        f" (one fused operator; its modules take {modules['median_us']:.0f} µs, "
-        f"{modules['median_us'] / mf['median_us']:.1f}× longer)"
-        if modules
+        f" (one fused operator, {operator['median_us']:.0f} µs of it in the operator itself and the rest Python "
+        f"around it; its modules take {modules['median_us']:.0f} µs, {modules['median_us'] / mf['median_us']:.1f}× "
+        f"longer)"
+        if modules and operator
         else ""
     )
     why = (
@@ -434,6 +435,7 @@ def _block_section(blocks: Mapping[str, Any]) -> list[str]:
             "Pythia ms": f"{r['pythia']['model']}: {_spread(r['pythia'], 1e3, 2)}",
             "latency ratio": f"{r['latency_ratio']:.3f}",
             "MemoryFormer modules ms": _spread(r["memoryformer_modules"], 1e3, 2) if r["phase"] == "decode" else "",
+            "fused operator ms": _spread(r["memoryformer_operator"], 1e3, 2) if "memoryformer_operator" in r else "",
             "attention ms": _spread(r["attention"], 1e3, 2),
             "ratio beyond attention": f"{r['latency_ratio_beyond_attention']:.3f}",
             "weight MB/token": f"{r['memoryformer']['weight_bytes_per_token'] / 1e6:.2f} vs "
@@ -448,7 +450,8 @@ def _block_section(blocks: Mapping[str, Any]) -> list[str]:
         f"A `MemoryFormerBlock` against transformers' `GPTNeoXLayer`, each built from its model's registry config "
         f"({cfg['dtype']}, {cfg['attention']} attention, lookup `{cfg['lookup_backend']}`). Decode: one token "
         f"against a KV cache of {cfg['kv_cache']} (the in-place cache for both; the MemoryFormer block runs as one "
-        f"fused operator, and `MemoryFormer modules` is its module path with transformers' `DynamicCache`); "
+        f"fused operator, `MemoryFormer modules` is its module path with transformers' `DynamicCache`, and "
+        f"`fused operator` the operator alone, without the Python around it); "
         f"prefill: {cfg['prefill_tokens']} tokens, causal. Median ms "
         f"(min–max). `attention`: the part both blocks share (KV-cache append and SDPA) timed alone; the last "
         f"ratio takes it off both blocks. Weight MB/token: parameter bytes one token reads (a Memory Layer reads "
