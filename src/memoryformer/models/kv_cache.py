@@ -63,8 +63,8 @@ class InPlaceKVLayer(DynamicLayer):
             and self.value_buffer.is_contiguous()
             and self.lengths["value_buffer"] == length
         )
-        if not fits:
-            capacity = (batch, heads, max(MIN_CAPACITY, 2 * needed), head_dim)
+        if not fits:  # a first fill (prefill, or a training forward) gets what it needs; growth doubles
+            capacity = (batch, heads, max(MIN_CAPACITY, 2 * needed if length else needed), head_dim)
             self.key_buffer = self._grown(self.keys, capacity, like)
             self.value_buffer = self._grown(self.values, capacity, like)
             self.lengths["value_buffer"] = length
