@@ -372,3 +372,22 @@ def test_a_compiled_config_leaves_the_model_decoding_eagerly(fused_calls):
     assert model.generation_config.cache_implementation is None and model.generation_config.compile_config is None
     greedy(model, torch.randint(VOCAB, (1, 5)), generation_config=copy.deepcopy(model.generation_config))
     assert fused_calls  # the eager default: in-place cache, fused blocks
+
+
+def test_training_forward_with_the_default_cache_has_the_uncached_gradients():
+    """A forward with ``use_cache`` (the config default) now fills an InPlaceKVCache, whose in-place copies autograd
+    must see through: loss and gradients equal those of a forward without a cache."""
+    torch.manual_seed(0)
+    model = tiny().train()
+    ids = torch.randint(VOCAB, (2, 9))
+    results = []
+    for use_cache in (True, False):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, use_cache=use_cache)
+        out.loss.backward()
+        assert isinstance(out.past_key_values, InPlaceKVCache) == use_cache
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (cached_loss, cached_grads), (loss, grads) = results
+    assert torch.equal(cached_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, atol=0, rtol=0, msg=name)
