@@ -223,7 +223,15 @@ def test_study_script_resumes_real_training_after_sigint(tiny_train_overrides, t
     )
     command = [sys.executable, str(PROJECT_ROOT / "scripts" / "study.py"), "--preset", str(preset)]
     env = os.environ | {"WANDB_MODE": "disabled"}
-    first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, start_new_session=True)
+    # As in a terminal: a shell that starts a job in the background (nohup make test &) has it ignore SIGINT, and
+    # Python keeps an ignored SIGINT ignored, so the study would never see this Ctrl-C.
+    first = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     checkpoint = tmp_path / "runs" / "e0-seed1" / "checkpoints"
     deadline = time.monotonic() + 900
     while not (checkpoint.is_dir() and any(p.name.startswith("step-") for p in checkpoint.iterdir())):
