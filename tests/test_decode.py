@@ -337,6 +337,8 @@ def test_in_place_cache_holds_what_dynamic_cache_holds(monkeypatch):
     same()
     in_place.crop(-2), dynamic.crop(-2)
     same()
+    with pytest.raises(ValueError, match="not supported"):  # DynamicCache's legacy positive form
+        in_place.crop(5)
     append(1)
     same()
     beams = torch.tensor([2, 0, 0])

@@ -75,6 +75,14 @@ class InPlaceKVLayer(DynamicLayer):
         for name in self.lengths:
             self.lengths[name] += tokens
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions: only the lengths change, no tensor is touched."""
+        if tokens_to_remove > 0 or not self.is_initialized:
+            super().crop(tokens_to_remove)  # DynamicLayer's error for the legacy positive form, or nothing
+            return
+        for name in self.lengths:
+            self.lengths[name] = max(0, self.lengths[name] + tokens_to_remove)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values, start = self.reserve(key_states.shape, key_states)
         end = start + key_states.shape[-2]
