@@ -5,9 +5,9 @@ The default decode path needs no switch: ``generate`` keeps the KV cache in an :
 MemoryFormer block then decodes as one fused C++ operator (``kernels/csrc/block_decode.cpp``: norms, the three
 lookups, rotary, the cache append and attention in one call; ``MemoryFormerBlock.fused_decode``). That operator was
 chosen over ``torch.compile`` of the step because a decode step is dispatch-bound and the fused block removes a
-block's ~50 small ops outright: measured side by side (``make bench``), mf-tiny decodes at 213 tokens/s with it
-and 194 compiled (whose static cache and graph also cost minutes of compilation), while compiling gains Pythia,
-which has no such operator, 1.16x. Any call the operator does not cover (padding masks, autograd, fp64, another
+block's ~50 small ops outright: measured side by side (``make bench``, three runs), compiling the step cost
+mf-tiny 0.76-0.91x against its fused blocks (and minutes of compilation), while it gained Pythia, which has no such
+operator, 1.04-1.55x. Any call the operator does not cover (padding masks, autograd, fp64, another
 lookup backend, remote-code checkpoints) runs the modules, with the same tokens.
 
 Two further switches, each applied the same way to MemoryFormer and to its Pythia baseline so that a speed ratio
