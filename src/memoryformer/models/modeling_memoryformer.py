@@ -99,8 +99,8 @@ class MemoryFormerBlock(GradientCheckpointingLayer):
 
         That is: one new fp32 token per sequence on CPU without autograd or tracing, no mask (no padding: SDPA's
         causal attention over the whole cache), an :class:`InPlaceKVCache`, head_dim a multiple of 8, and the fused
-        lookup as backend. Any
-        other call, and any model loaded as remote code (its stubbed kernels report unavailable), runs the modules.
+        lookup as backend. Any other call, and any model loaded as remote code (its stubbed kernels report
+        unavailable), runs the modules.
         """
         return (
             hidden_states.shape[1] == 1

@@ -84,31 +84,6 @@ inline void hash_token(const acc_t* z, const HashParams<acc_t>& hp, int64_t* row
   }
 }
 
-// ∂w_k/∂z_i for one token from the quantities hash_token produced (spec §1, Gradients), scaled by gw_k = ∂L/∂w_k:
-//   l1:    sign(z_i) · p · (1 + 2‖z‖₁ σ(−2|z_i|))        paper: sign(z_i) · p · s · σ(−s|z_i|)
-// sign(0) = 0, so the gradient is 0 at z = 0, as autograd of |z| gives.
-template <typename acc_t>
-inline void score_gradient(const acc_t* z, const acc_t* e, const acc_t* grad_weights, const HashParams<acc_t>& hp,
-                           acc_t* grad_z) {
-  for (int64_t k = 0; k < hp.num_chunks; ++k) {
-    const acc_t* zk = z + k * hp.tau;
-    const acc_t* ek = e + k * hp.tau;
-    acc_t norm = 0, denominator = 1;
-    for (int64_t i = 0; i < hp.tau; ++i) {
-      norm += std::abs(zk[i]);
-      denominator *= 1 + ek[i];
-    }
-    const acc_t p = 1 / denominator;
-    const acc_t gp = grad_weights[k] * p;
-    for (int64_t i = 0; i < hp.tau; ++i) {
-      const acc_t sign = static_cast<acc_t>((zk[i] > 0) - (zk[i] < 0));
-      const acc_t sigma_neg = ek[i] / (1 + ek[i]);
-      const acc_t dw = hp.l1 ? 1 + hp.scale * norm * sigma_neg : hp.scale * sigma_neg;
-      grad_z[k * hp.tau + i] = sign * gp * dw;
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Row arithmetic: out = bias + Σ_k w_k · tables[rows[k]] (forward), <g, tables[row]> (backward)
 //
@@ -253,32 +228,6 @@ inline acc_t dot_row(const acc_t* g, const table_t* row, int64_t h) {
     sum += g[j] * static_cast<acc_t>(row[j]);
   }
   return sum;
-}
-
-// dst[j] = src[j] in the tables' dtype. bf16 rounds to nearest even with integer ops, which vectorise where
-// c10::BFloat16's scalar conversion would not (this converts the whole dense gradient once per backward).
-template <typename acc_t, typename table_t>
-inline void convert_row(const acc_t* src, table_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<table_t, c10::BFloat16>) {
-    for (int64_t j = 0; j < n; ++j) {
-      uint32_t bits;
-      std::memcpy(&bits, src + j, sizeof bits);
-      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-      const uint16_t out = src[j] != src[j] ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);  // NaN stays NaN
-      std::memcpy(dst + j, &out, sizeof out);
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      dst[j] = static_cast<table_t>(src[j]);
-    }
-  }
-}
-
-// Tokens per parallel task: enough multiply-adds (~32k) that an OpenMP fork pays for itself. A single token (decode)
-// always runs inline: splitting its columns across 2 threads measured 15 ms per call instead of 25 µs on a busy
-// machine (a parallel region waits for every thread to be scheduled), so decode never opens a parallel region.
-inline int64_t token_grain(int64_t num_chunks, int64_t h) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, num_chunks * h));
 }
 
 }  // namespace memoryformer
