@@ -202,6 +202,18 @@ def _gather(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, bia
     return y + bias.to(y.dtype) if bias is not None else y
 
 
+def walk_by_row(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """chunk_grad_kernel's walk [K, N, 4] int32: each chunk's tokens in (row, token) order, the "reverse indices"
+    of FAIR's memory layers, as (token, row, weight) steps, the weight's bits in the last fields (fp32: one, fp64:
+    two). A stable sort per chunk (on CUDA cub's segmented radix sort: no host sync), 16 bytes per token and chunk."""
+    sorted_rows, order = torch.sort(rows, dim=1, stable=True)
+    weight_bits = weights.gather(1, order).view(torch.int32).view(*rows.shape, -1)  # [K, N, 1 or 2]
+    walk = torch.zeros(*rows.shape, kernels.WALK_FIELDS.value, dtype=torch.int32, device=rows.device)
+    walk[..., 0], walk[..., 1] = order, sorted_rows
+    walk[..., 2 : 2 + weight_bits.shape[-1]] = weight_bits
+    return walk
+
+
 def _backward(
     x: torch.Tensor,
     tables: torch.Tensor,
@@ -228,13 +240,12 @@ def _backward(
         num_h_blocks = triton.cdiv(out_features, config.table_block_h)
         partial = weights.new_empty(num_h_blocks, num_chunks, num_tokens) if fused else None
         kernels.chunk_grad_kernel[(num_chunks, num_h_blocks)](
-            rows, weights, tables, grad_y, grad_tables, partial, num_tokens, out_features,
+            walk_by_row(rows, weights), tables, grad_y, grad_tables, partial, num_tokens, out_features,
             tables.stride(0), grad_y.stride(0), out_features,  # grad_tables: new, contiguous
             BLOCK_H=config.table_block_h, EVEN_H=out_features % config.table_block_h == 0,
             GRAD_TABLES=needs_grad_tables, GRAD_WEIGHTS=fused, ACC=accumulator,
             INDEX=_index_type(rows, tables, grad_y, *(t for t in (grad_tables, partial) if t is not None)),
-            # One stage, as a guard: a software-pipelined load of a slice row ahead of the previous tokens' writes
-            # would read stale values (the kernel prefetches one token itself and carries a repeated row's value).
+            # One stage: the kernel prefetches the next token itself (Triton's pipeliner would add copies).
             num_warps=config.table_num_warps, num_stages=1,
         )  # fmt: skip
     if needs_grad_x and not empty:

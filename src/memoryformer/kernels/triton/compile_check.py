@@ -14,7 +14,9 @@ feature): warp instructions × warps × 1024 / the terms of a pass. A pass is ``
 loop was unrolled (by ptxas, or by Triton's ``loop_unroll_factor``; found from the one-iteration remainder loop); a
 source iteration handles BLOCK_N × BLOCK_H terms (a token tile), or BLOCK_H in ``chunk_grad_kernel``, which walks
 one token at a time and does all the backward's per-term work there: the table-gradient update and, fused, the ∂w
-product. The hot loop's instructions are all those from its head to its backward branch. In forward a term is
+product. The hot loop's instructions are all those from its head to its backward branch, except that a block a
+forward branch in the loop jumps over counts only as often as it can run (:func:`conditional_rate`: in
+``chunk_grad_kernel`` the store of a finished row's table gradient and the load of the next row). In forward a term is
 one gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make
 bench`` includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
 
@@ -231,6 +233,14 @@ def sass_counts(sass: str) -> dict[str, Any]:
         if target is not None and target < position:
             body = [(p, o) for p, o in instructions if target <= p <= position]
             loop = count([o for _, o in body])
+            # Blocks inside the loop that a forward branch jumps over run only when its condition says so (in
+            # chunk_grad_kernel: a row change); the report weighs them by how often that can happen.
+            skipped = set()
+            for p, o in body:
+                forward = branch_target(o)
+                if forward is not None and p < forward <= position:
+                    skipped.update(q for q, _ in body if p < q < forward)
+            loop["conditional_instructions"] = len(skipped)
             if loop["global_loads"]:
                 loops.append(loop)
     best = max(loops, key=lambda loop: loop["global_loads"], default=None)
@@ -254,7 +264,8 @@ class KernelRecord:
     kernel_counts: dict
     loop_counts: dict | None
     loop_terms: int | None  # (token, chunk, feature) terms per pass of the hot loop (source iterations × unroll)
-    instructions_per_kterm: float | None  # hot-loop (or, loop-free, whole-kernel) warp instructions per 1024 terms
+    instructions_per_kterm: float | None  # hot-loop (or, loop-free, whole-kernel) warp instructions per 1024 terms,
+    # its conditional blocks weighed by conditional_rate
 
 
 def loop_terms(launch: Launch) -> int | None:
@@ -266,6 +277,15 @@ def loop_terms(launch: Launch) -> int | None:
     if launch.kernel.__name__ in ("hash_kernel", "grad_x_kernel", "segment_scatter_kernel"):
         return None  # per (token, chunk), not per term: no hot loop over table rows
     return bound["BLOCK_N"] * bound["BLOCK_H"]
+
+
+def conditional_rate(launch: Launch, case: Case) -> float:
+    """How often, at most, a hot-loop iteration runs the loop's conditional blocks: in ``chunk_grad_kernel``, whose
+    walk goes through a chunk's tokens grouped by row, once per distinct row, so at most min(N, 2^τ) of N tokens
+    (1/64 at τ = 8 and N = 16k); elsewhere they are counted as always run."""
+    if launch.kernel.__name__ == "chunk_grad_kernel":
+        return min(case.num_tokens, 1 << case.shape.tau) / case.num_tokens
+    return 1.0
 
 
 def compile_launch(launch: Launch, arch: int) -> tuple[Any, str]:
@@ -293,6 +313,9 @@ def kernel_report(arch: int = 80, cases: list[Case] | None = None) -> list[Kerne
                 terms = loop_terms(launch)
                 # No loop (e.g. one chunk per program at decode, specialized away): the whole kernel is one step.
                 instructions = (counts["loop"] or counts["kernel"])["instructions"]
+                if counts["loop"]:  # the conditional blocks weighed by how often they can run
+                    conditional = counts["loop"]["conditional_instructions"]
+                    instructions -= conditional * (1 - conditional_rate(launch, case))
                 if terms:  # a pass through the hot loop runs `unroll` source iterations
                     terms *= (counts["loop"] or {}).get("unroll", 1)
                 per_kterm = round(instructions * num_warps * 1024 / terms, 1) if terms else None

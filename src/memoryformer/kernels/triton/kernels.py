@@ -278,10 +278,21 @@ def _load_features(ptrs, mask_h, EVEN_H: tl.constexpr):
         return tl.load(ptrs, mask=mask_h, other=0.0)
 
 
+WALK_FIELDS = tl.constexpr(4)  # int32 fields per step of chunk_grad_kernel's walk: token, row, weight (fp64: 2)
+
+
+@triton.jit
+def _walk_step(step_ptr, ACC: tl.constexpr):
+    """Token n, row r and weight w of one step of the walk: three loads from one address (16-byte steps)."""
+    n = tl.load(step_ptr)
+    row = tl.load(step_ptr + 1)
+    w = tl.load((step_ptr + 2).to(tl.pointer_type(ACC)))  # fp32 in field 2, fp64 in fields 2–3 (8-byte aligned)
+    return n, row, w
+
+
 @triton.jit
 def chunk_grad_kernel(
-    rows_ptr,
-    weights_ptr,
+    walk_ptr,
     tables_ptr,
     grad_y_ptr,
     grad_tables_ptr,
@@ -298,66 +309,55 @@ def chunk_grad_kernel(
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """One (chunk k, feature block) of the backward, walking the tokens in order: with GRAD_TABLES,
+    """One (chunk k, feature block) of the backward, walking chunk k's tokens grouped by row: with GRAD_TABLES,
     ∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r; with GRAD_WEIGHTS,
     partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}, h-block]⟩ (∂L/∂w_{n,k} before :func:`grad_x_kernel` sums blocks).
 
     Grid: (K, cdiv(H, BLOCK_H)), chunks fastest so the K programs of one feature block stream the same grad_y
-    columns through L2 together. The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
-    zero-initialised ACC buffer ``grad_tables`` and walks the tokens one at a time: a scalar row and weight, a
-    BLOCK_H vector of g_n, then read, add and write T[r, h-block]. Every feature of the block stays in one thread
-    for the whole walk (one layout: the kernel report shows no shared memory in the loop), so each address of the
-    slice is written by one thread only, which reads it itself, and program order alone orders a row's updates: no
-    same-row sums, no atomics, no sort, no host sync, and the same bits on every run (each row's sum in token
-    order). ∂w needs a sum across the block's threads per token: launched with one warp it is 5 shuffles and no
-    barrier (two warps add 3 barriers per token); the gathered bf16 row is loaded 4 values per thread, the layout
-    of the fp32 vectors (8 would be one 128-bit load but a shuffle conversion per value), and widened by bit ops.
+    columns through L2 together. ``order`` [K, N] lists each chunk's tokens by (row, token) — a stable sort of the
+    rows, the "reverse indices" of FAIR's memory layers — with their rows and weights in the same order. So a row's
+    tokens come one after another: its sum Σ w·g builds up in registers and is written once, when the row changes
+    (no read-modify-write of the slice per token, no repeated-row hazard), and T[r] is loaded once per row for ∂w
+    (a token only loads g_n). The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
+    zero-initialised ``grad_tables``; each row's sum runs in token order: no atomics, no barrier, no host sync,
+    the same bits on every run (and as summing the tokens in order). Every feature of the block stays in one
+    thread for the whole walk (one layout: no shared memory in the loop). ∂w needs a sum across the block's
+    threads per token: launched with one warp it is 5 shuffles and no barrier.
 
-    The next token's row, weight, g_n, gathered row and slice row are loaded before this token's write (their
-    latency overlaps one token's work); when the next token hits the same row, its prefetched slice row misses this
-    token's update, so the value just computed is carried instead (a select per value; re-reading the row after
-    the write instead costs 11–15% fewer instructions but a store-to-load round trip per token of a hot row).
+    The next token's index, row, weight and g_n are loaded before this token's work (their latency overlaps it);
+    the row change is a branch on a scalar, uniform across the warp.
     """
     k = tl.program_id(0)
     h_block = tl.program_id(1)
     offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    rows_ptr += k.to(INDEX) * N  # chunk k's tokens, contiguous
-    weights_ptr += k.to(INDEX) * N
+    walk_ptr += k.to(INDEX) * N * WALK_FIELDS  # chunk k's walk, contiguous
     g_ptrs = grad_y_ptr + offs_h
+    table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
 
-    row = tl.load(rows_ptr)
-    w = tl.load(weights_ptr)
-    g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
+    n, row, w = _walk_step(walk_ptr, ACC)
+    g = _load_features(g_ptrs + n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
     if GRAD_WEIGHTS:
         partial_ptr += (h_block.to(INDEX) * tl.num_programs(0) + k) * N
-        table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
         gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
     if GRAD_TABLES:
         slice_ptrs = grad_tables_ptr + offs_h
-        current = _load_features(slice_ptrs + row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
-    # Fused, unrolled 4× here (ptxas does not unroll it): no register copies between tokens, 1.1–1.3× fewer
-    # instructions. The table gradient alone is left to ptxas, which unrolls it 4× itself (within 8% either way).
-    for n in tl.range(1, N, loop_unroll_factor=4 if GRAD_WEIGHTS else 1):  # loads token n, finishes token n − 1
-        next_row = tl.load(rows_ptr + n)
-        next_w = tl.load(weights_ptr + n)
+        total = tl.zeros((BLOCK_H,), dtype=ACC)
+    for p in tl.range(1, N, loop_unroll_factor=4):  # loads position p, finishes position p − 1
+        next_n, next_row, next_w = _walk_step(walk_ptr + p * WALK_FIELDS, ACC)
+        next_g = _load_features(g_ptrs + next_n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
         if GRAD_WEIGHTS:
-            # Pointer vectors rebuilt from scalars: carried, Triton would give them a second layout in the unrolled
-            # loop's remainder, converted through shared memory (3 barriers) per token there.
-            next_g = _load_features(g_ptrs + tl.cast(n, INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
-            next_gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
-            tl.store(partial_ptr + n - 1, tl.sum(g * gathered))
-            gathered = next_gathered
-        else:  # carried: 8% fewer instructions than rebuilt (sm_80, 128 features)
-            g_ptrs += stride_gn
-            next_g = _load_features(g_ptrs, mask_h, EVEN_H).to(ACC)
+            tl.store(partial_ptr + n, tl.sum(g * gathered))
         if GRAD_TABLES:
-            next_slice = _load_features(slice_ptrs + next_row.to(INDEX) * stride_gtr, mask_h, EVEN_H)
-            updated = current + w * g
-            tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, updated, mask=mask_h)
-            current = tl.where(next_row == row, updated, next_slice)
-        row, w, g = next_row, next_w, next_g
+            total += w * g
+        if next_row != row:  # once per distinct row
+            if GRAD_TABLES:
+                tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total, mask=mask_h)
+                total = tl.zeros((BLOCK_H,), dtype=ACC)
+            if GRAD_WEIGHTS:
+                gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+        n, row, w, g = next_n, next_row, next_w, next_g
     if GRAD_WEIGHTS:
-        tl.store(partial_ptr + N - 1, tl.sum(g * gathered))
+        tl.store(partial_ptr + n, tl.sum(g * gathered))
     if GRAD_TABLES:
-        tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, current + w * g, mask=mask_h)
+        tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total + w * g, mask=mask_h)
