@@ -46,9 +46,10 @@ def run_kernel_report(quick: bool) -> dict[str, Any]:
 
 
 def phase_cost(records: list[dict], implementation: str, phase: str, case: str) -> float:
-    """Hot-loop warp instructions per 1024 lookup terms of one phase, summed over its kernels."""
+    """Hot-loop warp instructions per 1024 lookup terms of one phase, summed over its kernels, each launch weighed
+    by the share of h it computes (its ``coverage``)."""
     return sum(
-        r["instructions_per_kterm"] or 0
+        (r["instructions_per_kterm"] or 0) * r["coverage"]
         for r in records
         if (r["implementation"], r["phase"], r["case"]) == (implementation, phase, case)
     )

@@ -6,12 +6,12 @@ Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
   for backward: 8 bytes per token and chunk); ``gather_kernel`` sums w·T[r] + bias over feature blocks in fp32
   (fp64 for fp64 input) whatever the tables' dtype. At small N (decode) the token block shrinks to N and the
   chunks are split across programs, the partial sums added in a fixed order afterwards.
-- Backward: ``chunk_grad_kernel`` gives each (chunk, feature block) to one program that walks the tokens in
-  order, a token at a time, each thread owning fixed features of the chunk's ∂L/∂tables slice (no barrier); where
-  its blocks are ≥ 256 wide and divide h it also gathers T[r] and writes ∂L/∂w's per-block partial sums on the way
-  (one pass over grad_y and the tables), elsewhere ``grad_weights_kernel`` computes them in token tiles.
-  ``grad_x_kernel`` sums them and applies ∂w/∂z. No atomics, no sort, no host sync (CUDA-graph friendly): the
-  same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
+- Backward: ``walk_by_row`` sorts each chunk's tokens by row (stable; the "reverse indices"), and
+  ``chunk_grad_kernel`` gives each (chunk, feature block) to one program that walks them a token at a time, each
+  thread owning fixed features of the chunk's ∂L/∂tables slice (no barrier): a row's gradient is summed in
+  registers and written once, and T[r] is loaded once per row to write ∂L/∂w's per-block partial sums on the way
+  (one pass over grad_y). ``grad_x_kernel`` sums them and applies ∂w/∂z. No atomics, no host sync (CUDA-graph
+  friendly): the same bits on every run. ∂L/∂bias = Σ_n g_n (torch).
 - Gathers in bf16/fp16: tables stored in half precision are gathered as stored; fp32 tables are gathered from a
   half copy when ``gather_dtype`` asks, which by default it does under CUDA autocast (the trainer's mixed
   precision), the way autocast runs ``nn.Linear`` on a half copy of fp32 master weights. The copy is cached per
@@ -20,9 +20,10 @@ Issue 16's layout (kernels in :mod:`memoryformer.kernels.triton.kernels`):
 
 Verified without a GPU: the numerics, in Triton's interpreter on CPU (``TRITON_INTERPRET=1`` set before this module
 is imported), and the compiled code for sm_80/sm_90 (:mod:`memoryformer.kernels.triton.compile_check` writes the
-kernel report). Not verified: running compiled, speed, and the tile sizes in the ``*_config`` functions (chosen
-from register counts and the roofline model, not timed; no autotuning). The first kernels stay available as the
-backend ``triton_legacy`` (:mod:`memoryformer.kernels.triton.legacy`) to measure against.
+kernel report). Not verified: running compiled, speed, and the tile sizes (``forward_config``, ``feature_ranges``:
+chosen from the compiled code's instruction and register counts and the roofline model, not timed; no
+autotuning). The first kernels stay available as the backend ``triton_legacy``
+(:mod:`memoryformer.kernels.triton.legacy`) to measure against.
 """
 
 from __future__ import annotations
@@ -49,17 +50,24 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Programs a forward launch should have to fill a GPU (132 SMs on an H100 × a few resident programs each); below
 # this, chunks are split across programs. A constant, not a device query, so a launch is the same on any GPU.
 FILL_PROGRAMS = 512
+# A split sums at least this many chunks: its loop then pays for the program's set-up and the partial-sum write
+# (sm_80, mf-tiny's QKV at N = 1 with bf16 tables: 336 instructions per 1k terms with one chunk per program).
+MIN_CHUNKS_PER_SPLIT = 4
 VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered row segment
-# chunk_grad_kernel's feature block: 1 warp × 32 threads × 16 fp32 values (four 128-bit loads of g_n and of the slice
-# row per token). Fused, warp instructions per 1k terms with bf16 / fp32 tables (sm_80, h = 3072): 16 values per
-# thread 228 / 197; 8 values 297 / 265; 2 warps × 8 values 334 / 305 (∂w's per-token sum across warps costs 3
-# barriers); 32 values 201 / 169 (182 registers, no spills) but half as many programs, and each program walks
-# every token serially: the walk has too few programs already (K·h/512: 192 for mf-tiny's QKV).
-TABLE_VALUES_PER_THREAD = 16
+# gather_kernel's tiles: one warp, 64 accumulators per thread, up to 512 features wide, so each thread gathers 16
+# values of every token's row and pays the token's row and weight loads and its address once per 16 values.
+# Warp instructions per 1k terms (sm_80, h = 1536, fp32 / bf16 tables): 4 × 512 67 / 97; 2 × 512 75 / 104;
+# 2 × 1024 79 / 88; 32 × 128 over 4 warps (8 tokens × 4 values per thread) 138 / 122. bf16 widening costs an
+# integer op per value, as much as its FMA. At h = 640 (128-wide blocks) 16 × 128 gives 82 / 114 (8 × 128: 107 /
+# 116), at h = 1280 8 × 256 gives 83 / 105.
+FORWARD_VALUES_PER_THREAD = 64
+FORWARD_BLOCK_H = 512
+# chunk_grad_kernel's feature block: 1 warp × 32 threads × 16 fp32 values (four 128-bit loads of g_n per token).
+# Warp instructions per 1k terms with fp32 / bf16 tables (sm_80, h = 1536, the walk by row): 512 features 118 / 119;
+# 256: 167 / 168; 128: 253 / 254 (the per-token ∂w sum across the warp, 5 shuffles and adds, and the token's loads
+# and addresses are paid per block). Wider blocks (32 values per thread) halve the programs, and each program walks
+# every token serially: the walk has few programs already (K·h/512: 192 for mf-tiny's QKV).
 TABLE_BLOCK_H = 512
-# The narrowest block that computes ∂w too: 256 features (mf-base's ML1, h = 1280) cost 297 / 265 fused vs 283 / 337
-# with grad_weights_kernel.
-FUSED_BLOCK_H = 256
 
 
 def triton_available() -> bool:
@@ -75,13 +83,13 @@ class ForwardConfig(NamedTuple):
     num_warps: int
 
 
-class BackwardConfig(NamedTuple):
-    table_block_h: int  # features per chunk_grad program (it owns a 2^τ × table_block_h fp32 slice of ∂L/∂tables)
-    table_num_warps: int  # every thread owns table_block_h / (32 · warps) features
-    fused: bool  # chunk_grad also computes ∂L/∂w; else grad_weights does, in tiles of:
-    block_n: int  # tokens per grad_weights program
-    block_h: int  # features per grad_weights program
-    num_warps: int  # grad_weights
+class FeatureRange(NamedTuple):
+    """Features [start, start + width) of h, computed by one launch in blocks of block_h (the last masked when
+    block_h does not divide width)."""
+
+    start: int
+    width: int
+    block_h: int
 
 
 def _feature_block(out_features: int, widest: int) -> int:
@@ -98,32 +106,31 @@ def _warps(block_elements: int) -> int:
     return max(1, min(4, block_elements // (32 * VALUES_PER_THREAD)))
 
 
-def forward_config(num_tokens: int, out_features: int, num_chunks: int) -> ForwardConfig:
-    """Tiles of up to 32 tokens × 128 features, 4 warps (sm_80, ptxas: 64 registers with bf16 tables, 96 with fp32,
-    no spills; 256 features cost 128/168 registers for 6% fewer instructions per term); fewer tokens at small N,
-    and chunks split across programs until the grid fills the GPU."""
-    block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
-    block_h = _feature_block(out_features, 128)
-    tiles = triton.cdiv(max(num_tokens, 1), block_n) * triton.cdiv(out_features, block_h)
+def forward_config(
+    num_tokens: int, features: FeatureRange, num_chunks: int, accumulator: torch.dtype = torch.float32
+) -> ForwardConfig:
+    """One-warp tiles of FORWARD_VALUES_PER_THREAD // (block_h / 32) tokens (fewer at small N; half as many with
+    fp64 accumulators, two registers each) over a feature range, and chunks split across programs until the grid
+    fills the GPU."""
+    values = FORWARD_VALUES_PER_THREAD * 4 // accumulator.itemsize
+    block_n = min(32 * values // features.block_h, triton.next_power_of_2(max(num_tokens, 1)))
+    tiles = triton.cdiv(max(num_tokens, 1), block_n) * triton.cdiv(features.width, features.block_h)
     splits = max(1, min(num_chunks, FILL_PROGRAMS // tiles))
-    chunks_per_split = triton.cdiv(num_chunks, splits)
+    chunks_per_split = max(MIN_CHUNKS_PER_SPLIT, triton.cdiv(num_chunks, splits))
     splits = triton.cdiv(num_chunks, chunks_per_split)  # no empty split
-    return ForwardConfig(block_n, block_h, splits, chunks_per_split, _warps(block_n * block_h))
+    return ForwardConfig(block_n, features.block_h, splits, chunks_per_split, 1)
 
 
-def backward_config(num_tokens: int, out_features: int) -> BackwardConfig:
-    """chunk_grad programs of up to TABLE_BLOCK_H features, TABLE_VALUES_PER_THREAD per thread (each owns a
-    2^τ × 512 fp32 slice: 512 KB at τ=8, 2 MB at τ=10), computing ∂L/∂w on the way when the block divides h and is
-    at least FUSED_BLOCK_H wide. Narrower or masked blocks spend more per term on the per-token ∂w sum than a
-    separate pass does (h = 640, sm_80, bf16 tables: 420 with 128 features, 400 with 256 masked, vs 143 + 178
-    instructions per 1k terms), so there ``grad_weights_kernel`` computes ∂w in tiles like the forward's (32 × 128
-    is within 5% of 64 × 64, 64 × 128 and 16 × 256 per term)."""
-    table_block_h = _feature_block(out_features, TABLE_BLOCK_H)
-    table_num_warps = max(1, table_block_h // (32 * TABLE_VALUES_PER_THREAD))
-    fused = table_block_h >= FUSED_BLOCK_H and out_features % table_block_h == 0
-    block_n = min(32, triton.next_power_of_2(max(num_tokens, 1)))
-    block_h = _feature_block(out_features, 128)
-    return BackwardConfig(table_block_h, table_num_warps, fused, block_n, block_h, _warps(block_n * block_h))
+def feature_ranges(out_features: int, widest: int) -> list[FeatureRange]:
+    """Blocks ``widest`` features wide over as much of h as they divide, then one launch for the rest in a single
+    block as wide as the next power of two (h = 640: 512 + 128; 1280: 2 × 512 + 256), so a wide layer pays neither
+    for masked features nor for narrow blocks on all of h."""
+    wide = out_features // widest * widest
+    rest = out_features - wide
+    ranges = [FeatureRange(0, wide, widest)] if wide else []
+    if rest:
+        ranges.append(FeatureRange(wide, rest, triton.next_power_of_2(rest)))
+    return ranges
 
 
 def check_lookup_inputs(x: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, tau: int) -> None:
@@ -183,23 +190,29 @@ def _gather(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, bia
     if num_tokens * out_features == 0 or num_chunks == 0:
         y = torch.zeros(num_tokens, out_features, dtype=weights.dtype, device=rows.device)
         return y + bias.to(y.dtype) if bias is not None else y
-    config = forward_config(num_tokens, out_features, num_chunks)
-    # Several splits write partial sums, added below in split order: deterministic, no atomics, no host sync.
-    out = weights.new_empty(config.splits, num_tokens, out_features)
-    fused_bias = bias if config.splits == 1 else None
-    grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(out_features, config.block_h), config.splits)
-    kernels.gather_kernel[grid](
-        rows, weights, tables, fused_bias, out,
-        num_tokens, out_features, num_chunks, config.chunks_per_split,
-        tables.stride(0), out.stride(1), out.stride(0),
-        BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=out_features % config.block_h == 0,
-        HAS_BIAS=fused_bias is not None, ACC=kernels.ACCUMULATOR_TYPES[weights.dtype],
-        INDEX=_index_type(rows, tables, out), num_warps=config.num_warps,
-    )  # fmt: skip
-    if config.splits == 1:
-        return out[0]
-    y = out.sum(0)
-    return y + bias.to(y.dtype) if bias is not None else y
+    y = weights.new_empty(num_tokens, out_features)
+    for features in feature_ranges(out_features, FORWARD_BLOCK_H):
+        config = forward_config(num_tokens, features, num_chunks, weights.dtype)
+        columns = slice(features.start, features.start + features.width)
+        # Several splits write partial sums, added below in split order: deterministic, no atomics, no host sync.
+        if config.splits == 1:
+            out = y[None, :, columns]
+        else:
+            out = weights.new_empty(config.splits, num_tokens, features.width)
+        range_bias = None if bias is None else bias[columns]
+        fused_bias = range_bias if config.splits == 1 else None
+        grid = (triton.cdiv(num_tokens, config.block_n), triton.cdiv(features.width, config.block_h), config.splits)
+        kernels.gather_kernel[grid](
+            rows, weights, tables[:, columns], fused_bias, out,
+            num_tokens, features.width, num_chunks, config.chunks_per_split,
+            tables.stride(0), out.stride(1), out.stride(0),
+            BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=features.width % config.block_h == 0,
+            HAS_BIAS=fused_bias is not None, ACC=kernels.ACCUMULATOR_TYPES[weights.dtype],
+            INDEX=_index_type(rows, tables, y, out), num_warps=config.num_warps,
+        )  # fmt: skip
+        if config.splits > 1:
+            y[:, columns] = out.sum(0) if range_bias is None else out.sum(0) + range_bias.to(y.dtype)
+    return y
 
 
 def walk_by_row(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -229,38 +242,35 @@ def _backward(
     """∂L/∂x (when needed) and ∂L/∂tables in ``grad_tables_dtype`` (None: not needed); see the module docstring."""
     (num_chunks, num_tokens), out_features = rows.shape, tables.shape[1]
     accumulator = kernels.ACCUMULATOR_TYPES[weights.dtype]
-    config = backward_config(num_tokens, out_features)
-    empty = rows.numel() * out_features == 0
-
     grad_x = torch.zeros_like(x) if needs_grad_x else None
     needs_grad_tables = grad_tables_dtype is not None
     grad_tables = torch.zeros(tables.shape, dtype=weights.dtype, device=x.device) if needs_grad_tables else None
-    fused = needs_grad_x and config.fused  # ∂L/∂w partial sums from the table-gradient walk
-    if not empty and (needs_grad_tables or fused):
-        num_h_blocks = triton.cdiv(out_features, config.table_block_h)
-        partial = weights.new_empty(num_h_blocks, num_chunks, num_tokens) if fused else None
-        kernels.chunk_grad_kernel[(num_chunks, num_h_blocks)](
-            walk_by_row(rows, weights), tables, grad_y, grad_tables, partial, num_tokens, out_features,
-            tables.stride(0), grad_y.stride(0), out_features,  # grad_tables: new, contiguous
-            BLOCK_H=config.table_block_h, EVEN_H=out_features % config.table_block_h == 0,
-            GRAD_TABLES=needs_grad_tables, GRAD_WEIGHTS=fused, ACC=accumulator,
-            INDEX=_index_type(rows, tables, grad_y, *(t for t in (grad_tables, partial) if t is not None)),
+    if rows.numel() * out_features == 0 or not (needs_grad_x or needs_grad_tables):
+        return grad_x, None if grad_tables is None else grad_tables.to(grad_tables_dtype)
+    ranges = feature_ranges(out_features, TABLE_BLOCK_H)
+    blocks = [triton.cdiv(features.width, features.block_h) for features in ranges]
+    # ∂L/∂w's partial sums, one per feature block, in feature order
+    partial = weights.new_empty(sum(blocks), num_chunks, num_tokens) if needs_grad_x else None
+    walk = walk_by_row(rows, weights)
+    first_block = 0
+    for features, num_blocks in zip(ranges, blocks, strict=True):
+        columns = slice(features.start, features.start + features.width)
+        kernels.chunk_grad_kernel[(num_chunks, num_blocks)](
+            walk, tables[:, columns], grad_y[:, columns],
+            None if grad_tables is None else grad_tables[:, columns],
+            None if partial is None else partial[first_block : first_block + num_blocks],
+            num_tokens, features.width, tables.stride(0), grad_y.stride(0), out_features,  # grad_tables: contiguous
+            BLOCK_H=features.block_h, EVEN_H=features.width % features.block_h == 0,
+            GRAD_TABLES=needs_grad_tables, GRAD_WEIGHTS=needs_grad_x, ACC=accumulator,
+            INDEX=_index_type(walk, tables, grad_y, *(t for t in (grad_tables, partial) if t is not None)),
             # One stage: the kernel prefetches the next token itself (Triton's pipeliner would add copies).
-            num_warps=config.table_num_warps, num_stages=1,
+            num_warps=max(1, features.block_h // (32 * 16)), num_stages=1,
         )  # fmt: skip
-    if needs_grad_x and not empty:
-        if not fused:
-            num_h_blocks = triton.cdiv(out_features, config.block_h)
-            partial = weights.new_empty(num_h_blocks, num_chunks, num_tokens)
-            kernels.grad_weights_kernel[(triton.cdiv(num_tokens, config.block_n), num_h_blocks)](
-                rows, tables, grad_y, partial, num_tokens, out_features, num_chunks,
-                tables.stride(0), grad_y.stride(0),
-                BLOCK_N=config.block_n, BLOCK_H=config.block_h, EVEN_H=out_features % config.block_h == 0,
-                ACC=accumulator, INDEX=_index_type(rows, tables, grad_y, partial), num_warps=config.num_warps,
-            )  # fmt: skip
+        first_block += num_blocks
+    if needs_grad_x:
         block_n = min(64, triton.next_power_of_2(num_tokens))
         kernels.grad_x_kernel[(triton.cdiv(num_tokens, block_n), num_chunks)](
-            x, temperature, partial, grad_x, num_tokens, num_chunks, num_h_blocks, x.stride(0), grad_x.stride(0),
+            x, temperature, partial, grad_x, num_tokens, num_chunks, sum(blocks), x.stride(0), grad_x.stride(0),
             TAU=tau, TAU_BLOCK=triton.next_power_of_2(tau), BLOCK_N=block_n, PAPER=score == "paper",
             ACC=accumulator, num_warps=_warps(block_n * tau),
         )  # fmt: skip

@@ -7,12 +7,11 @@ table rows k·2^τ + code) and ``weights`` [K, N]; every other kernel streams th
   them, or a split for small N, summed afterwards in a fixed order), and gathers table rows along h (coalesced,
   128-bit loads) into an fp32 (fp64) accumulator.
 - backward :func:`chunk_grad_kernel`: one program per (chunk, feature block) owns that chunk's 2^τ × BLOCK_H slice
-  of ∂L/∂tables and walks the tokens one at a time, in order, each thread owning fixed features of the slice, so no
-  other program or thread writes what it reads: no atomics, no barrier, no sort, no host sync, the same bits every
-  run. On the way it gathers T[r_{n,k}] and writes ∂L/∂w_{n,k} = ⟨g_n, T[r_{n,k}]⟩ over its block as a partial
-  sum (the fused path, where the block is wide enough to pay for the per-token sum); otherwise
-  :func:`grad_weights_kernel` computes those partials in token tiles, each grad_y tile read once for all K
-  chunks. :func:`grad_x_kernel` sums the partials in a fixed order and applies ∂w/∂z (re-hashing one chunk of x).
+  of ∂L/∂tables and walks the chunk's tokens grouped by row (a stable sort of the rows, made by the launcher), each
+  thread owning fixed features of the slice: a row's gradient sums in registers and is written once, so no other
+  program or thread writes what it reads: no atomics, no barrier, no host sync, the same bits every run. On the
+  way it writes ∂L/∂w_{n,k} = ⟨g_n, T[r_{n,k}]⟩ over its block as a partial sum, loading T[r] once per row.
+  :func:`grad_x_kernel` sums the partials in a fixed order and applies ∂w/∂z (re-hashing one chunk of x).
 
 Offsets are int32 (``INDEX``) unless a tensor has 2^31 elements or more: 64-bit address arithmetic per gathered
 row made the gather loop 163 SASS instructions instead of 126 (sm_80, 32 × 128 tile).
@@ -190,47 +189,6 @@ def gather_kernel(
 
 
 @triton.jit
-def grad_weights_kernel(
-    rows_ptr,
-    tables_ptr,
-    grad_y_ptr,
-    partial_ptr,
-    N,
-    H,
-    K,
-    stride_tr,
-    stride_gn,
-    BLOCK_N: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    EVEN_H: tl.constexpr,
-    ACC: tl.constexpr,
-    INDEX: tl.constexpr,
-):
-    """partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}]⟩ over one feature block: ∂L/∂w_{n,k} before summing blocks,
-    when :func:`chunk_grad_kernel` does not compute it (narrow feature blocks).
-
-    Grid: (cdiv(N, BLOCK_N), cdiv(H, BLOCK_H)). The grad_y tile is loaded once and used for every chunk.
-    """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    h_block = tl.program_id(1)
-    offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_n = offs_n < N
-    mask_h = offs_h < H
-    g_ptrs = grad_y_ptr + offs_n.to(INDEX)[:, None] * stride_gn + offs_h[None, :]
-    g = tl.load(g_ptrs, mask=mask_n[:, None] & mask_h[None, :], other=0.0).to(ACC)
-
-    chunk_offset = offs_n.to(INDEX)  # advanced by N per chunk
-    partial_ptr += h_block.to(INDEX) * K * N
-    for _ in range(K):
-        rows = tl.load(rows_ptr + chunk_offset, mask=mask_n, other=0)
-        row_ptrs = tables_ptr + rows.to(INDEX)[:, None] * stride_tr + offs_h[None, :]
-        gathered = tl.load(row_ptrs) if EVEN_H else tl.load(row_ptrs, mask=mask_h[None, :], other=0.0)
-        partial = tl.sum(g * _widen(gathered, ACC), axis=1)
-        tl.store(partial_ptr + chunk_offset, partial, mask=mask_n)
-        chunk_offset += N
-
-
-@triton.jit
 def grad_x_kernel(
     x_ptr,
     temperature_ptr,
@@ -248,7 +206,7 @@ def grad_x_kernel(
     ACC: tl.constexpr,
 ):
     """grad_x[n, chunk k] = ∂L/∂w_{n,k} · ∂w/∂z, summing the feature blocks' partials (from
-    :func:`chunk_grad_kernel` or :func:`grad_weights_kernel`) in block order.
+    :func:`chunk_grad_kernel`) in block order.
 
     Grid: (cdiv(N, BLOCK_N), K).
     """
