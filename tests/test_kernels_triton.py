@@ -73,12 +73,14 @@ def assert_matches_reference(x, tables, bias, tau, score="l1", temperature=1.0, 
 
 @pytest.fixture(params=["wide", "narrow"])
 def feature_blocks(request, monkeypatch):
-    """Run the test with the gather's and the backward walk's feature blocks at their width (512: one launch at
-    these small h) and at 16 features, so that small h takes several blocks and a second, narrower launch for the
-    rest (h = 40: two 16-feature blocks, then 8 features)."""
+    """Run the test with the kernels' blocks at their trainer sizes (512 features: one launch at these small h; one
+    segment of rows per walk at these few tokens) and small: 16-feature blocks, so that small h takes several
+    blocks and a second, narrower launch for the rest (h = 40: two 16-feature blocks, then 8 features), and walks
+    split into segments of rows from 4 tokens on (hot rows then leave most segments empty)."""
     if request.param == "narrow":
         monkeypatch.setattr(triton_backend, "FORWARD_BLOCK_H", 16)
         monkeypatch.setattr(triton_backend, "TABLE_BLOCK_H", 16)
+        monkeypatch.setattr(triton_backend, "MIN_SEGMENT_TOKENS", 4)
     return request.param
 
 
@@ -174,19 +176,31 @@ def test_feature_ranges_cover_h_in_wide_blocks():
     assert launches[200] == [(0, 200, 256)]  # one masked block
 
 
+def test_walk_segments_fill_the_gpu_at_training_sizes():
+    """mf-tiny's QKV (K = 64, 3 blocks of 512) at 16k tokens: 32 segments of 8 rows, 6144 programs of ~512 tokens;
+    mf-base's (K = 128, 6 blocks): 8; τ = 10 at one block: 64; few tokens: one segment per chunk."""
+    assert triton_backend.walk_segments(16384, 64, 3, 8) == 32
+    assert triton_backend.walk_segments(16384, 128, 6, 8) == 8
+    assert triton_backend.walk_segments(16384, 64, 1, 10) == 64
+    assert triton_backend.walk_segments(70, 3, 1, 2) == triton_backend.walk_segments(1, 64, 3, 8) == 1
+    assert triton_backend.walk_segments(100_000, 1, 1, 4) == 16  # never more segments than rows
+
+
 def test_walk_by_row_orders_each_chunk_stably():
     """The walk lists a chunk's tokens by row, tokens of one row in token order (so a row's gradient sums in token
-    order), with their weights' bits; fp64 weights take two fields."""
-    rows = torch.tensor([[5, 3, 5, 3, 4], [9, 9, 8, 9, 8]], dtype=torch.int32, device=DEVICE)
+    order), with their weights' bits (fp64 weights take two fields), and where each segment of rows starts."""
+    rows = torch.tensor([[5, 3, 5, 3, 4], [9, 9, 8, 9, 8]], dtype=torch.int32, device=DEVICE)  # τ = 3: k·8 + code
     for dtype in (torch.float32, f64):
         weights = torch.arange(10, dtype=dtype, device=DEVICE).view(2, 5) / 7
-        walk = triton_backend.walk_by_row(rows, weights)
+        walk, segments = triton_backend.walk_by_row(rows, weights, 3, 2)
         assert walk.shape == (2, 5, 4) and walk.dtype == torch.int32
         assert walk[0, :, 0].tolist() == [1, 3, 4, 0, 2] and walk[1, :, 0].tolist() == [2, 4, 0, 1, 3]
         assert walk[0, :, 1].tolist() == [3, 3, 4, 5, 5] and walk[1, :, 1].tolist() == [8, 8, 9, 9, 9]
         width = 1 if dtype == torch.float32 else 2
         stored = walk[..., 2 : 2 + width].contiguous().view(dtype).squeeze(-1)
         assert torch.equal(stored, weights.gather(1, walk[..., 0].long()))
+        # rows 0–3 and 4–7 of chunk 0, 8–11 and 12–15 of chunk 1 (empty)
+        assert segments.dtype == torch.int32 and segments.tolist() == [[0, 2, 5], [0, 5, 5]]
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3])

@@ -68,6 +68,13 @@ FORWARD_BLOCK_H = 512
 # and addresses are paid per block). Wider blocks (32 values per thread) halve the programs, and each program walks
 # every token serially: the walk has few programs already (K·h/512: 192 for mf-tiny's QKV).
 TABLE_BLOCK_H = 512
+# The walk's programs: (chunk, feature block, segment of rows). One program per (chunk, feature block) is 192 for
+# mf-tiny's QKV, a warp or two per SM walking 16k tokens each, bound by memory latency; segments of rows make it
+# WALK_PROGRAMS (~32 one-warp programs resident on each of an H100's 132 SMs), each still walking at least
+# MIN_SEGMENT_TOKENS tokens on average to pay for its set-up. Rows, not token ranges, so that no two programs write
+# one row: the result is the same bits whatever the split.
+WALK_PROGRAMS = 4096
+MIN_SEGMENT_TOKENS = 64
 
 
 def triton_available() -> bool:
@@ -215,16 +222,31 @@ def _gather(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, bia
     return y
 
 
-def walk_by_row(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """chunk_grad_kernel's walk [K, N, 4] int32: each chunk's tokens in (row, token) order, the "reverse indices"
-    of FAIR's memory layers, as (token, row, weight) steps, the weight's bits in the last fields (fp32: one, fp64:
-    two). A stable sort per chunk (on CUDA cub's segmented radix sort: no host sync), 16 bytes per token and chunk."""
+def walk_segments(num_tokens: int, num_chunks: int, num_blocks: int, tau: int) -> int:
+    """Segments of rows per chunk for the walk: enough programs to fill a GPU (WALK_PROGRAMS with the chunks and
+    feature blocks), each walking about MIN_SEGMENT_TOKENS tokens or more; a power of two ≤ 2^τ."""
+    wanted = triton.next_power_of_2(triton.cdiv(WALK_PROGRAMS, num_chunks * num_blocks))
+    most = min(1 << tau, 1 << max(0, (num_tokens // MIN_SEGMENT_TOKENS).bit_length() - 1))
+    return min(wanted, most)
+
+
+def walk_by_row(
+    rows: torch.Tensor, weights: torch.Tensor, tau: int, num_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_grad_kernel's walk [K, N, 4] int32 — each chunk's tokens in (row, token) order, the "reverse indices" of
+    FAIR's memory layers, as (token, row, weight) steps, the weight's bits in the last fields (fp32: one, fp64: two)
+    — and where each of ``num_segments`` equal ranges of a chunk's rows starts in it [K, num_segments + 1] int32. A
+    stable sort per chunk and a binary search (on CUDA cub's segmented radix sort: no host sync), 16 bytes per token
+    and chunk."""
     sorted_rows, order = torch.sort(rows, dim=1, stable=True)
     weight_bits = weights.gather(1, order).view(torch.int32).view(*rows.shape, -1)  # [K, N, 1 or 2]
     walk = torch.zeros(*rows.shape, kernels.WALK_FIELDS.value, dtype=torch.int32, device=rows.device)
     walk[..., 0], walk[..., 1] = order, sorted_rows
     walk[..., 2 : 2 + weight_bits.shape[-1]] = weight_bits
-    return walk
+    chunk_start = torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device)[:, None] << tau
+    step = torch.arange(num_segments + 1, dtype=torch.int32, device=rows.device) * ((1 << tau) // num_segments)
+    segments = torch.searchsorted(sorted_rows, chunk_start + step, out_int32=True)
+    return walk, segments
 
 
 def _backward(
@@ -251,12 +273,13 @@ def _backward(
     blocks = [triton.cdiv(features.width, features.block_h) for features in ranges]
     # ∂L/∂w's partial sums, one per feature block, in feature order
     partial = weights.new_empty(sum(blocks), num_chunks, num_tokens) if needs_grad_x else None
-    walk = walk_by_row(rows, weights)
+    num_segments = walk_segments(num_tokens, num_chunks, sum(blocks), tau)
+    walk, segments = walk_by_row(rows, weights, tau, num_segments)
     first_block = 0
     for features, num_blocks in zip(ranges, blocks, strict=True):
         columns = slice(features.start, features.start + features.width)
-        kernels.chunk_grad_kernel[(num_chunks, num_blocks)](
-            walk, tables[:, columns], grad_y[:, columns],
+        kernels.chunk_grad_kernel[(num_chunks, num_blocks, num_segments)](
+            walk, segments, tables[:, columns], grad_y[:, columns],
             None if grad_tables is None else grad_tables[:, columns],
             None if partial is None else partial[first_block : first_block + num_blocks],
             num_tokens, features.width, tables.stride(0), grad_y.stride(0), out_features,  # grad_tables: contiguous

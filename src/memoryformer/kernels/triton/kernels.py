@@ -251,6 +251,7 @@ def _walk_step(step_ptr, ACC: tl.constexpr):
 @triton.jit
 def chunk_grad_kernel(
     walk_ptr,
+    segments_ptr,
     tables_ptr,
     grad_y_ptr,
     grad_tables_ptr,
@@ -267,55 +268,62 @@ def chunk_grad_kernel(
     ACC: tl.constexpr,
     INDEX: tl.constexpr,
 ):
-    """One (chunk k, feature block) of the backward, walking chunk k's tokens grouped by row: with GRAD_TABLES,
-    ∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r; with GRAD_WEIGHTS,
-    partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}, h-block]⟩ (∂L/∂w_{n,k} before :func:`grad_x_kernel` sums blocks).
+    """One (chunk k, feature block, segment of rows) of the backward, walking those rows' tokens: with
+    GRAD_TABLES, ∂L/∂tables[r, h-block] = Σ_n w_{n,k}·g_n over the tokens whose chunk k hashed to r; with
+    GRAD_WEIGHTS, partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}, h-block]⟩ (∂L/∂w_{n,k} before
+    :func:`grad_x_kernel` sums blocks).
 
-    Grid: (K, cdiv(H, BLOCK_H)), chunks fastest so the K programs of one feature block stream the same grad_y
-    columns through L2 together. ``order`` [K, N] lists each chunk's tokens by (row, token) — a stable sort of the
-    rows, the "reverse indices" of FAIR's memory layers — with their rows and weights in the same order. So a row's
+    Grid: (K, cdiv(H, BLOCK_H), segments), chunks fastest so the programs of one feature block stream the same
+    grad_y columns through L2 together. ``walk`` [K, N] lists each chunk's tokens by (row, token) — a stable sort
+    of the rows, the "reverse indices" of FAIR's memory layers — as (token, row, weight) steps, and ``segments``
+    [K, segments + 1] where each segment's rows start in it (segments split a chunk's 2^τ rows evenly). So a row's
     tokens come one after another: its sum Σ w·g builds up in registers and is written once, when the row changes
-    (no read-modify-write of the slice per token, no repeated-row hazard), and T[r] is loaded once per row for ∂w
-    (a token only loads g_n). The program is the only writer of rows k·2^τ … k·2^τ+2^τ−1 × its h-block of the
-    zero-initialised ``grad_tables``; each row's sum runs in token order: no atomics, no barrier, no host sync,
-    the same bits on every run (and as summing the tokens in order). Every feature of the block stays in one
-    thread for the whole walk (one layout: no shared memory in the loop). ∂w needs a sum across the block's
-    threads per token: launched with one warp it is 5 shuffles and no barrier.
+    (no read-modify-write per token, no repeated-row hazard), and T[r] is loaded once per row for ∂w (a token only
+    loads g_n). The program is the only writer of its rows × its h-block of the zero-initialised ``grad_tables``
+    and of its tokens' partials; each row's sum runs in token order: no atomics, no barrier, no host sync, the same
+    bits on every run (and as summing the tokens in order). Every feature of the block stays in one thread for the
+    whole walk (one layout: no shared memory in the loop). ∂w needs a sum across the block's threads per token:
+    launched with one warp it is 5 shuffles and no barrier.
 
     The next token's index, row, weight and g_n are loaded before this token's work (their latency overlaps it);
     the row change is a branch on a scalar, uniform across the warp.
     """
     k = tl.program_id(0)
     h_block = tl.program_id(1)
-    offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_h = offs_h < H
-    walk_ptr += k.to(INDEX) * N * WALK_FIELDS  # chunk k's walk, contiguous
-    g_ptrs = grad_y_ptr + offs_h
-    table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
+    segment_ptr = segments_ptr + k * (tl.num_programs(2) + 1) + tl.program_id(2)
+    start = tl.load(segment_ptr)
+    steps = tl.load(segment_ptr + 1) - start
+    if steps > 0:
+        offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        walk_ptr += (k.to(INDEX) * N + start) * WALK_FIELDS  # the segment's steps, contiguous
+        g_ptrs = grad_y_ptr + offs_h
+        table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
 
-    n, row, w = _walk_step(walk_ptr, ACC)
-    g = _load_features(g_ptrs + n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
-    if GRAD_WEIGHTS:
-        partial_ptr += (h_block.to(INDEX) * tl.num_programs(0) + k) * N
-        gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
-    if GRAD_TABLES:
-        slice_ptrs = grad_tables_ptr + offs_h
-        total = tl.zeros((BLOCK_H,), dtype=ACC)
-    for p in tl.range(1, N, loop_unroll_factor=4):  # loads position p, finishes position p − 1
-        next_n, next_row, next_w = _walk_step(walk_ptr + p * WALK_FIELDS, ACC)
-        next_g = _load_features(g_ptrs + next_n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+        n, row, w = _walk_step(walk_ptr, ACC)
+        g = _load_features(g_ptrs + n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+        if GRAD_WEIGHTS:
+            partial_ptr += (h_block.to(INDEX) * tl.num_programs(0) + k) * N
+            gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+        if GRAD_TABLES:
+            slice_ptrs = grad_tables_ptr + offs_h
+            total = tl.zeros((BLOCK_H,), dtype=ACC)
+        for p in tl.range(1, steps, loop_unroll_factor=4):  # loads step p, finishes step p − 1
+            next_n, next_row, next_w = _walk_step(walk_ptr + p * WALK_FIELDS, ACC)
+            next_g = _load_features(g_ptrs + next_n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+            if GRAD_WEIGHTS:
+                tl.store(partial_ptr + n, tl.sum(g * gathered))
+            if GRAD_TABLES:
+                total += w * g
+            if next_row != row:  # once per distinct row
+                if GRAD_TABLES:
+                    tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total, mask=mask_h)
+                    total = tl.zeros((BLOCK_H,), dtype=ACC)
+                if GRAD_WEIGHTS:
+                    next_rows = table_ptrs + next_row.to(INDEX) * stride_tr
+                    gathered = _widen(_load_features(next_rows, mask_h, EVEN_H), ACC)
+            n, row, w, g = next_n, next_row, next_w, next_g
         if GRAD_WEIGHTS:
             tl.store(partial_ptr + n, tl.sum(g * gathered))
         if GRAD_TABLES:
-            total += w * g
-        if next_row != row:  # once per distinct row
-            if GRAD_TABLES:
-                tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total, mask=mask_h)
-                total = tl.zeros((BLOCK_H,), dtype=ACC)
-            if GRAD_WEIGHTS:
-                gathered = _widen(_load_features(table_ptrs + next_row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
-        n, row, w, g = next_n, next_row, next_w, next_g
-    if GRAD_WEIGHTS:
-        tl.store(partial_ptr + n, tl.sum(g * gathered))
-    if GRAD_TABLES:
-        tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total + w * g, mask=mask_h)
+            tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total + w * g, mask=mask_h)
