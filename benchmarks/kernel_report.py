@@ -106,12 +106,15 @@ def render_kernel_report(section: Mapping[str, Any]) -> list[str]:
         f"Every launch of the Triton lookup compiled for sm_{section['arch']} with the launcher's specialization "
         "(`python -m memoryformer.kernels.triton.compile_check`), before (backend `triton_legacy`) and after "
         "(`triton`, issue 16). Instr/1k terms = SASS instructions of each hot loop × warps per 1024 (token, chunk, "
-        "feature) terms it handles, summed over the phase's kernels (in forward a term is one gathered value: "
-        "divide by 1024 × the table element size for instructions per gathered byte; `chunk_grad_kernel` walks one "
-        "token, BLOCK_H terms, per iteration, doing each term's table-gradient update and, where 256 or 512 divides "
-        "h, its ∂w product too, which elsewhere `grad_weights_kernel` does; an unrolled loop counts all the "
-        "iterations of a pass). "
-        "`hash_kernel` and `grad_x_kernel` work per (token, chunk), not per term, and are listed without a loop.",
+        "feature) terms it handles, summed over the phase's kernels, each weighed by the share of h its launch "
+        "computes (h = 640 is walked as 512 + 128 features; masked features count as work). In forward a term is one "
+        "gathered value: divide by 1024 × the table element size for instructions per gathered byte. "
+        "`chunk_grad_kernel` walks one token, BLOCK_H terms, per iteration, doing each term's table-gradient sum and "
+        "∂w product; the block it runs when the walk reaches a new row (store the finished row's gradient, load the "
+        "next table row) counts at most min(N, 2^τ)/N of the iterations. An unrolled loop counts all the iterations "
+        "of a pass. `hash_kernel` and `grad_x_kernel` work per (token, chunk), not per term, and are listed without "
+        "a loop; the backward's stable sort of each chunk's rows (`torch.sort`, per (token, chunk)) is not compiled "
+        "here and not counted.",
         "",
         markdown_table(rows, list(rows[0])) if rows else "(no results)",
         "",

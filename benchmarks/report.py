@@ -581,6 +581,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         + ").",
         "",
         *_machine_lines(report),
+        *(
+            f"- re-run later with `--update`: {', '.join(u['sections'])} on {u['created']} at commit {u['git_commit']}"
+            for u in report.get("updates", [])
+        ),
         "",
         "Latencies are medians over repeats, warm-up excluded; the implementations compared in a row take turns call "
         "by call, so load from other processes hits them alike, but other processes on this machine still add "

@@ -1,7 +1,7 @@
 """``make bench``: does the lookup beat the matmul? Every benchmark in one run, as ratios (issue 8).
 
     python -m benchmarks.run [--quick] [--sections kernels blocks models decode training data gpu_kernels] [--threads N]
-                             [--output-dir benchmarks/results]
+                             [--output-dir benchmarks/results] [--update]
 
 Sections: 1 ``kernels`` (``bench_kernels``: Memory Layer lookups vs nn.Linear), 2 ``blocks`` and 3 ``models``
 (``bench_models``: one block, then mf-tiny vs pythia-70m), ``decode`` (``bench_models``: eager vs compiled, fp32
@@ -11,7 +11,8 @@ kernels' compiled code before/after issue 16 and their roofline model; no GPU ne
 pinned first (default: every CPU this process may run on) and reported with the machine (CPU, caches, torch build,
 the lookup backend ``auto`` resolves to). Writes ``latest.json`` and ``latest.md`` (see :mod:`benchmarks.report`)
 atomically into the output directory. A section that fails is reported in both files and makes the exit status 1;
-the others still run.
+the others still run. ``--update`` re-runs only the named sections into the existing report (e.g. the compiled-code
+section after a kernel change, without re-timing the CPU), and the report says which sections came from which run.
 ``--quick`` shrinks every section to seconds (used by tests/test_benchmarks.py).
 """
 
@@ -191,6 +192,26 @@ def write_report(report: dict[str, Any], output_dir: Path) -> tuple[Path, Path]:
     return json_path, write_text_atomic(output_dir / "latest.md", render_markdown(report))
 
 
+def merge_update(previous: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with ``update``'s sections in place of its own, targets and headline recomputed, and the update
+    recorded (sections, time, commit) so the report says which numbers come from which run."""
+    if previous.get("schema_version") != update["schema_version"] or previous.get("quick") != update["quick"]:
+        raise ValueError(
+            "--update needs an existing report of the same schema and mode (quick or full): "
+            f"found schema {previous.get('schema_version')}, quick={previous.get('quick')}; run without --update"
+        )
+    merged = dict(previous)
+    merged["sections"] = previous["sections"] | update["sections"]
+    merged["section_seconds"] = previous["section_seconds"] | update["section_seconds"]
+    names = list(update["section_seconds"])
+    merged["errors"] = {k: v for k, v in previous["errors"].items() if k not in names} | update["errors"]
+    merged["targets"] = evaluate_targets(merged["sections"])
+    merged["headline"] = headline_ratios(merged["sections"])
+    record = {"sections": names, "created": update["created"], "git_commit": update["machine"]["git_commit"]}
+    merged["updates"] = [*previous.get("updates", []), record]
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds per section (for tests)")
@@ -198,8 +219,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parser.add_argument("--threads", type=int, default=default_threads, help="torch threads (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--update", action="store_true",
+        help="re-run only the named sections into the existing latest.json/md, keeping the others (the report names "
+        "the sections re-run, when, and at which commit)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    previous_path = args.output_dir / "latest.json"
+    if args.update and not previous_path.is_file():
+        parser.error(f"--update: no report at {previous_path} to update; run without --update first")
     report = run_benchmarks(args.quick, args.sections, args.threads)
+    if args.update:
+        report = merge_update(json.loads(previous_path.read_text()), report)
     json_path, md_path = write_report(report, args.output_dir)
     print(f"[bench] {report['wall_seconds']:.0f} s; wrote {json_path} and {md_path}", file=sys.stderr)
     return 1 if report["errors"] else 0

@@ -35,7 +35,8 @@ def quick_run(tmp_path_factory):
     result = run_quick(output_dir, sections)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output_dir / "latest.json").read_text())
-    return {"report": report, "markdown": (output_dir / "latest.md").read_text(), "sections": sections}
+    markdown = (output_dir / "latest.md").read_text()
+    return {"report": report, "markdown": markdown, "sections": sections, "output_dir": output_dir}
 
 
 def close(a: float, b: float) -> bool:
@@ -167,6 +168,34 @@ def test_markdown_report(quick_run):
     assert markdown.count("| fused lookup forward") == 2 + len(
         quick_run["report"]["sections"]["kernels"]["config"]["widths"]
     )
+
+
+def test_update_reruns_only_the_named_sections(quick_run, tmp_path):
+    """``--update --sections training`` replaces that section of an existing report, keeps the others bit for bit,
+    and says in both files what was re-run, when and at which commit; without a report to update it stops at once."""
+    import shutil
+
+    from benchmarks.run import merge_update
+
+    output_dir = tmp_path / "results"
+    shutil.copytree(quick_run["output_dir"], output_dir)
+    before = quick_run["report"]
+    result = run_quick(output_dir, ["training", "--update"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((output_dir / "latest.json").read_text())
+    assert list(after["sections"]) == list(before["sections"])
+    assert all(after["sections"][name] == before["sections"][name] for name in before["sections"] if name != "training")
+    assert after["sections"]["training"] != before["sections"]["training"]  # re-timed
+    assert after["created"] == before["created"] and len(after["updates"]) == 1
+    update = after["updates"][0]
+    assert update["sections"] == ["training"] and update["created"] >= before["created"] and update["git_commit"]
+    assert after["headline"]["training_tokens_per_s"] == after["sections"]["training"]["ratio"]
+    assert f"re-run later with `--update`: training on {update['created']}" in (output_dir / "latest.md").read_text()
+
+    missing = run_quick(tmp_path / "empty", ["training", "--update"])
+    assert missing.returncode == 2 and "no report at" in missing.stderr
+    with pytest.raises(ValueError, match="same schema and mode"):
+        merge_update(before | {"quick": False}, after)
 
 
 def test_decode_section_rows_targets_and_ratios():

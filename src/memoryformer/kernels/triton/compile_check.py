@@ -7,18 +7,18 @@ aligned pointers and multiples of 16 marked divisible, an argument equal to 1 ma
 decode). Each specialization is lowered TTIR → TTGIR → PTX → cubin with the ``ptxas`` bundled in the Triton wheel
 and disassembled with its ``nvdisasm``; nothing runs.
 
-The report (:func:`kernel_report`) gives per kernel: registers and spill bytes (``ptxas -v``), global loads by
-width (``LDG.E.128`` is a 128-bit vector), atomics (``RED``/``ATOM``), barriers, and the SASS instructions of the
-hot loop (the backward branch around the most global loads) per pass and per 1024 lookup terms (token, chunk,
-feature): warp instructions × warps × 1024 / the terms of a pass. A pass is ``unroll`` source iterations when the
-loop was unrolled (by ptxas, or by Triton's ``loop_unroll_factor``; found from the one-iteration remainder loop); a
-source iteration handles BLOCK_N × BLOCK_H terms (a token tile), or BLOCK_H in ``chunk_grad_kernel``, which walks
-one token at a time and does all the backward's per-term work there: the table-gradient update and, fused, the ∂w
-product. The hot loop's instructions are all those from its head to its backward branch, except that a block a
-forward branch in the loop jumps over counts only as often as it can run (:func:`conditional_rate`: in
-``chunk_grad_kernel`` the store of a finished row's table gradient and the load of the next row). In forward a term is
-one gathered table value, so instructions per gathered byte = that / 1024 / the table element size. ``make
-bench`` includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
+The report (:func:`kernel_report`) gives per kernel: registers and spill bytes (``ptxas -v``), global loads by width
+(``LDG.E.128`` is a 128-bit vector), atomics (``RED``/``ATOM``), barriers, and the SASS instructions of the hot loop
+(the backward branch around the most global loads) per pass and per 1024 lookup terms (token, chunk, feature): warp
+instructions × warps × 1024 / the terms of a pass. A pass is ``unroll`` source iterations when the loop was unrolled
+(by ptxas, or by Triton's ``loop_unroll_factor``; found from the one-iteration remainder loop); a source iteration
+handles BLOCK_N × BLOCK_H terms (a token tile), or BLOCK_H in ``chunk_grad_kernel``, which walks one token at a time
+and does all the backward's per-term work there: the table-gradient sum and the ∂w product. A launch's count is
+weighed by the share of h it computes (:func:`coverage`). The hot loop's instructions are all those from its head to
+its backward branch, except that a block a forward branch in the loop jumps over counts only as often as it can run
+(:func:`conditional_rate`: in ``chunk_grad_kernel`` the store of a finished row's table gradient and the load of the
+next row). In forward a term is one gathered table value, so instructions per gathered byte = that / 1024 / the
+table element size. ``make bench`` includes the report (section ``gpu_kernels``, :mod:`benchmarks.kernel_report`).
 
 Usage (``TRITON_INTERPRET`` must be unset or 0)::
 

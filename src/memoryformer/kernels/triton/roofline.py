@@ -9,15 +9,16 @@ Forward (``hash_kernel`` + ``gather_kernel``)
     - gathered bytes (L2 → SM): N·K·h·e_t. Token blocks run through the chunks in step, so the live working set is
       a few chunks' 2^τ·h·e_t slices (786 KB for mf-tiny's QKV in bf16): gathers after the first touch hit L2.
     - FLOPs: 2·N·K·h (one FMA per gathered value) plus ~10 per x element for the hash.
-Backward (``chunk_grad_kernel`` + ``grad_x_kernel``, and ``grad_weights_kernel`` where 256 does not divide h)
-    - compulsory HBM bytes: grad_y once (N·h·4), rows/weights, x and grad_x, the fp32 table gradient written once
-      (K·2^τ·h·4) plus its cast to the table dtype, and the touched table rows once more.
-    - gathered bytes (L2 → SM): N·K·h·e_t again (∂L/∂w), grad_y once per chunk (N·h·4·K: the K programs of a
-      feature block stream the same columns), and the table gradient's read-modify-write of one slice row per
-      (token, chunk) (N·K·h·8; a program's 2^τ × 512 fp32 slice, 512 KB at τ=8, is larger than L1, so L2). Fused,
-      one walk does the ∂w gathers and the table gradient, so grad_y's columns are read once per chunk for both.
-      Not counted: ∂L/∂w's partial sums, written and read back once (N·K·4 per feature block: 256–512 features fused,
-      128 otherwise; 12 MB for mf-tiny's QKV at 16k tokens, L2-sized).
+Backward (``walk_by_row``'s sort + ``chunk_grad_kernel`` + ``grad_x_kernel``)
+    - compulsory HBM bytes: grad_y once (N·h·4), x and grad_x, the sort of each chunk's rows (``torch.sort``: cub's
+      radix sort of int32 keys with int64 indices, about four passes each reading and writing 12 bytes per
+      (token, chunk): 96, an estimate), the walk built from it (rows, weights and indices read, 16-byte steps
+      written: 32) and read once (16), the touched table rows once (∂w), the fp32 table gradient zero-filled and
+      written once (2·K·2^τ·h·4) plus its cast to the table dtype, and ∂L/∂w's partial sums written and read back
+      (N·K·8 per 512-feature block).
+    - gathered bytes (L2 → SM): grad_y once per chunk (N·K·h·4: each token's g_n row, in row order), each
+      segment's table rows once (∂w: the touched rows again), the table gradient written once, and the walk's steps
+      read by the other feature blocks' programs (N·K·16 each).
     - FLOPs: 2·N·K·h for ∂L/∂w and 2·N·K·h for the table gradient, plus ~30 per x element for ∂w/∂z.
 
 Time bound = max(compulsory bytes / HBM bandwidth, gathered bytes / L2 bandwidth, FLOPs / peak, hot-loop warp
@@ -102,21 +103,28 @@ def forward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_
     return Traffic(compulsory, n * k * h * table_bytes, flops, launches=2 if n > 1 else 3, tokens=n)
 
 
+SORT_BYTES = 96  # per (token, chunk): ~4 radix passes reading and writing an int32 key and an int64 index (estimate)
+WALK_BLOCK = 512  # features per walk program (memoryformer.kernels.triton.TABLE_BLOCK_H)
+
+
 def backward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_bytes: int = 4) -> Traffic:
     n, k, h, tau = num_tokens, shape.num_chunks, shape.out_features, shape.tau
     touched_rows = min(n, 2**tau) * k
     table_grad = k * 2**tau * h * 4
+    blocks = -(-h // WALK_BLOCK)
     compulsory = (
         n * h * 4  # grad_y
-        + n * k * 8  # rows + weights
         + 2 * n * k * tau * x_bytes  # x, grad_x
+        + n * k * (SORT_BYTES + 32 + 16)  # sort, walk built (rows, weights, indices in; 16-byte steps out), read
         + touched_rows * h * table_bytes  # rows gathered for ∂L/∂w
-        + table_grad * 2  # zero-fill and accumulate the fp32 gradient …
+        + table_grad * 2  # zero-fill and write the fp32 gradient …
         + table_grad // 4 * table_bytes  # … and cast it to the table dtype
+        + n * k * 8 * blocks  # ∂L/∂w partial sums, written and read back
     )
-    gathered = n * k * h * (table_bytes + 4 + 8)  # ∂w gathers, grad_y per chunk, table-gradient read + write
+    gathered = n * k * h * 4 + touched_rows * h * table_bytes + table_grad + n * k * 16 * (blocks - 1)
     flops = 4 * n * k * h + 30 * n * k * tau
-    return Traffic(compulsory, gathered, flops, launches=5, tokens=n)
+    # sort, index gather, walk build (3), searchsorted, zero-fill, the walk (1–2), grad_x, cast, ∂L/∂bias
+    return Traffic(compulsory, gathered, flops, launches=12, tokens=n)
 
 
 def bound(traffic: Traffic, gpu: Gpu, terms_per_token: float = 0.0, instructions_per_kterm: float = 0.0) -> dict:
