@@ -75,8 +75,9 @@ def assert_matches_reference(x, tables, bias, tau, score="l1", temperature=1.0, 
 def feature_blocks(request, monkeypatch):
     """Run the test with the kernels' blocks at their trainer sizes (512 features: one launch at these small h; one
     segment of rows per walk at these few tokens) and small: 16-feature blocks, so that small h takes several
-    blocks and a second, narrower launch for the rest (h = 40: two 16-feature blocks, then 8 features), and walks
-    split into segments of rows from 4 tokens on (hot rows then leave most segments empty)."""
+    blocks, the gather a second, narrower launch for the rest (h = 40: two 16-feature blocks, then 8 features) and
+    the walk a last block that takes the rest too (16, then 16 + 8), and walks split into segments of rows from 4
+    tokens on (hot rows then leave most segments empty)."""
     if request.param == "narrow":
         monkeypatch.setattr(triton_backend, "FORWARD_BLOCK_H", 16)
         monkeypatch.setattr(triton_backend, "TABLE_BLOCK_H", 16)
@@ -151,12 +152,12 @@ def test_gradients_repeat_bit_for_bit(feature_blocks):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("out_features", [520, 1024], ids=["block-and-rest", "two-blocks"])
+@pytest.mark.parametrize("out_features", [520, 1024, 1280], ids=["block-and-rest", "two-blocks", "both"])
 def test_table_gradient_across_feature_blocks(out_features):
-    """h wider than one walk program: each feature block's program walks the tokens on its own (τ = 2: every row
-    repeats, often on consecutive tokens), and the result repeats bit for bit."""
-    ranges = triton_backend.feature_ranges(out_features, triton_backend.TABLE_BLOCK_H)
-    assert sum(triton_backend.triton.cdiv(r.width, r.block_h) for r in ranges) == 2
+    """h wider than one walk block: each block's program walks the tokens on its own, the last taking the rest of h
+    (τ = 2: every row repeats, often on consecutive tokens), and the result repeats bit for bit."""
+    expected = {520: [(0, 520, 512, 8)], 1024: [(0, 1024, 512, 0)], 1280: [(0, 512, 512, 0), (512, 768, 512, 256)]}
+    assert [tuple(r) for r in triton_backend.walk_ranges(out_features)] == expected[out_features]
     x, tables, bias = make_inputs(12, 2, 2, out_features, torch.float32, torch.float32, False)
     assert_matches_reference(x, tables, bias, 2)
     grad_y = torch.randn(12, out_features, device=DEVICE)
@@ -164,10 +165,20 @@ def test_table_gradient_across_feature_blocks(out_features):
     assert torch.equal(first, second)
 
 
+def test_walk_ranges_give_the_rest_of_h_to_the_last_block():
+    """The trainer's widths: 512-feature blocks, the last taking what 512 does not divide (mf-tiny's ML1, h = 640,
+    in one program of 512 + 128); narrow h in one block of the next power of two."""
+    ranges = {h: [tuple(r) for r in triton_backend.walk_ranges(h)] for h in (3072, 640, 512, 200, 40)}
+    assert ranges[3072] == [(0, 3072, 512, 0)] and ranges[512] == [(0, 512, 512, 0)]
+    assert ranges[640] == [(0, 640, 512, 128)]
+    assert ranges[200] == [(0, 200, 256, 0)] and ranges[40] == [(0, 40, 64, 0)]
+    assert [r.blocks for r in triton_backend.walk_ranges(3072)] == [6]
+
+
 def test_feature_ranges_cover_h_in_wide_blocks():
-    """512-feature blocks over as much of h as they divide, then one block for the rest: the trainer's widths
-    (mf-tiny 1536 / 640 / 512, mf-base 3072 / 1280 / 1024) are gathered and walked in 512-wide blocks but for a 128
-    or 256 rest."""
+    """The gather's launches: 512-feature blocks over as much of h as they divide, then one block for the rest: the
+    trainer's widths (mf-tiny 1536 / 640 / 512, mf-base 3072 / 1280 / 1024) are gathered in 512-wide blocks but for
+    a 128 or 256 rest."""
     launches = {h: [tuple(w) for w in triton_backend.feature_ranges(h, 512)] for h in (1536, 1280, 640, 512, 520, 200)}
     assert launches[1536] == [(0, 1536, 512)] and launches[512] == [(0, 512, 512)]
     assert launches[1280] == [(0, 1024, 512), (1024, 256, 256)]

@@ -222,6 +222,34 @@ def _gather(rows: torch.Tensor, weights: torch.Tensor, tables: torch.Tensor, bia
     return y
 
 
+class WalkRange(NamedTuple):
+    """Features [start, start + width) of h walked by one chunk_grad_kernel launch in blocks of block_h; with
+    rest_h, one program walks block_h features and the rest_h (masked to width) after them."""
+
+    start: int
+    width: int
+    block_h: int
+    rest_h: int
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.rest_h else triton.cdiv(self.width, self.block_h)
+
+
+def walk_ranges(out_features: int) -> list[WalkRange]:
+    """The walk's launches: TABLE_BLOCK_H-feature blocks, the last of them taking the rest of h too when
+    TABLE_BLOCK_H does not divide it (h = 640: one program of 512 + 128; 1280: 512, then 512 + 256), so the rest
+    shares that block's per-token loads and branch; h < TABLE_BLOCK_H in one block of the next power of two."""
+    if out_features <= TABLE_BLOCK_H:
+        return [WalkRange(0, out_features, triton.next_power_of_2(out_features), 0)]
+    full, rest = divmod(out_features, TABLE_BLOCK_H)
+    if not rest:
+        return [WalkRange(0, out_features, TABLE_BLOCK_H, 0)]
+    last = (full - 1) * TABLE_BLOCK_H
+    ranges = [WalkRange(0, last, TABLE_BLOCK_H, 0)] if last else []
+    return [*ranges, WalkRange(last, out_features - last, TABLE_BLOCK_H, triton.next_power_of_2(rest))]
+
+
 def walk_segments(num_tokens: int, num_chunks: int, num_blocks: int, tau: int) -> int:
     """Segments of rows per chunk for the walk: enough programs to fill a GPU (WALK_PROGRAMS with the chunks and
     feature blocks), each walking about MIN_SEGMENT_TOKENS tokens or more; a power of two ≤ 2^τ."""
@@ -269,25 +297,27 @@ def _backward(
     grad_tables = torch.zeros(tables.shape, dtype=weights.dtype, device=x.device) if needs_grad_tables else None
     if rows.numel() * out_features == 0 or not (needs_grad_x or needs_grad_tables):
         return grad_x, None if grad_tables is None else grad_tables.to(grad_tables_dtype)
-    ranges = feature_ranges(out_features, TABLE_BLOCK_H)
-    blocks = [triton.cdiv(features.width, features.block_h) for features in ranges]
+    ranges = walk_ranges(out_features)
+    blocks = [walk.blocks for walk in ranges]
     # ∂L/∂w's partial sums, one per feature block, in feature order
     partial = weights.new_empty(sum(blocks), num_chunks, num_tokens) if needs_grad_x else None
     num_segments = walk_segments(num_tokens, num_chunks, sum(blocks), tau)
-    walk, segments = walk_by_row(rows, weights, tau, num_segments)
+    steps, segments = walk_by_row(rows, weights, tau, num_segments)
     first_block = 0
     for features, num_blocks in zip(ranges, blocks, strict=True):
         columns = slice(features.start, features.start + features.width)
         kernels.chunk_grad_kernel[(num_chunks, num_blocks, num_segments)](
-            walk, segments, tables[:, columns], grad_y[:, columns],
+            steps, segments, tables[:, columns], grad_y[:, columns],
             None if grad_tables is None else grad_tables[:, columns],
             None if partial is None else partial[first_block : first_block + num_blocks],
             num_tokens, features.width, tables.stride(0), grad_y.stride(0), out_features,  # grad_tables: contiguous
-            BLOCK_H=features.block_h, EVEN_H=features.width % features.block_h == 0,
+            BLOCK_H=features.block_h, REST_H=features.rest_h,
+            EVEN_H=features.width % features.block_h == 0 or features.rest_h > 0,
             GRAD_TABLES=needs_grad_tables, GRAD_WEIGHTS=needs_grad_x, ACC=accumulator,
-            INDEX=_index_type(walk, tables, grad_y, *(t for t in (grad_tables, partial) if t is not None)),
-            # One stage: the kernel prefetches the next token itself (Triton's pipeliner would add copies).
-            num_warps=max(1, features.block_h // (32 * 16)), num_stages=1,
+            INDEX=_index_type(steps, tables, grad_y, *(t for t in (grad_tables, partial) if t is not None)),
+            # One warp: ∂w's sum across the block is shuffles, no barrier. One stage: the kernel prefetches the
+            # next token itself (Triton's pipeliner would add copies).
+            num_warps=1, num_stages=1,
         )  # fmt: skip
         first_block += num_blocks
     if needs_grad_x:

@@ -274,16 +274,25 @@ def loop_terms(launch: Launch) -> int | None:
     which kernels of different shapes compare (a term is one gathered table value in forward)."""
     bound = dict(zip(launch.kernel.arg_names, launch.args, strict=False)) | launch.kwargs
     if launch.kernel.__name__ == "chunk_grad_kernel":
-        return bound["BLOCK_H"]  # one token per iteration (its chunk k fixed by the program)
+        return walk_block_features(bound)  # one token per iteration (its chunk k fixed by the program)
     if launch.kernel.__name__ in ("hash_kernel", "grad_x_kernel", "segment_scatter_kernel"):
         return None  # per (token, chunk), not per term: no hot loop over table rows
     return bound["BLOCK_N"] * bound["BLOCK_H"]
 
 
+def walk_block_features(bound: dict) -> int:
+    """Features one ``chunk_grad_kernel`` program walks: its block and its rest (masked ones included)."""
+    return bound["BLOCK_H"] + bound["REST_H"]
+
+
 def coverage(launch: Launch, case: Case) -> float:
     """Features a launch computes, masked ones included, per feature of h: its instructions per term count that
-    often per term of the layer (a walk launch over 512 of h = 640 features: 0.8; a 256-wide block over 200: 1.28)."""
+    often per term of the layer (a gather launch over 512 of h = 640 features: 0.8; a 256-wide block over 200:
+    1.28)."""
     bound = dict(zip(launch.kernel.arg_names, launch.args, strict=False)) | launch.kwargs
+    if launch.kernel.__name__ == "chunk_grad_kernel":
+        blocks = 1 if bound["REST_H"] else triton.cdiv(bound["H"], bound["BLOCK_H"])
+        return blocks * walk_block_features(bound) / case.shape.out_features
     if "H" not in bound or "BLOCK_H" not in bound:
         return 1.0
     return triton.cdiv(bound["H"], bound["BLOCK_H"]) * bound["BLOCK_H"] / case.shape.out_features

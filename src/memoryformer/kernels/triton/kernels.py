@@ -262,6 +262,7 @@ def chunk_grad_kernel(
     stride_gn,
     stride_gtr,
     BLOCK_H: tl.constexpr,
+    REST_H: tl.constexpr,
     EVEN_H: tl.constexpr,
     GRAD_TABLES: tl.constexpr,
     GRAD_WEIGHTS: tl.constexpr,
@@ -273,17 +274,20 @@ def chunk_grad_kernel(
     GRAD_WEIGHTS, partial[h-block, k, n] = ⟨g_n, tables[r_{n,k}, h-block]⟩ (∂L/∂w_{n,k} before
     :func:`grad_x_kernel` sums blocks).
 
-    Grid: (K, cdiv(H, BLOCK_H), segments), chunks fastest so the programs of one feature block stream the same
-    grad_y columns through L2 together. ``walk`` [K, N] lists each chunk's tokens by (row, token) — a stable sort
-    of the rows, the "reverse indices" of FAIR's memory layers — as (token, row, weight) steps, and ``segments``
-    [K, segments + 1] where each segment's rows start in it (segments split a chunk's 2^τ rows evenly). So a row's
-    tokens come one after another: its sum Σ w·g builds up in registers and is written once, when the row changes
-    (no read-modify-write per token, no repeated-row hazard), and T[r] is loaded once per row for ∂w (a token only
-    loads g_n). The program is the only writer of its rows × its h-block of the zero-initialised ``grad_tables``
-    and of its tokens' partials; each row's sum runs in token order: no atomics, no barrier, no host sync, the same
-    bits on every run (and as summing the tokens in order). Every feature of the block stays in one thread for the
-    whole walk (one layout: no shared memory in the loop). ∂w needs a sum across the block's threads per token:
-    launched with one warp it is 5 shuffles and no barrier.
+    Grid: (K, feature blocks, segments), chunks fastest so the programs of one feature block stream the same grad_y
+    columns through L2 together. A feature block is BLOCK_H features and, with REST_H, the REST_H after them (a
+    launch of one block whose program also takes the features of h that BLOCK_H does not divide: h = 640 is walked
+    as 512 + 128 features by one program, so the rest shares the block's per-token loads and branch). ``walk``
+    [K, N] lists each chunk's tokens by (row, token) — a stable sort of the rows, the "reverse indices" of FAIR's
+    memory layers — as (token, row, weight) steps, and ``segments`` [K, segments + 1] where each segment's rows
+    start in it (segments split a chunk's 2^τ rows evenly). So a row's tokens come one after another: its sum
+    Σ w·g builds up in registers and is written once, when the row changes (no read-modify-write per token, no
+    repeated-row hazard), and T[r] is loaded once per row for ∂w (a token only loads g_n). The program is the only
+    writer of its rows × its features of the zero-initialised ``grad_tables`` and of its tokens' partials; each
+    row's sum runs in token order: no atomics, no barrier, no host sync, the same bits on every run (and as
+    summing the tokens in order). Every feature stays in one thread for the whole walk (one layout: no shared
+    memory in the loop). ∂w needs a sum across the block's threads per token: launched with one warp it is 5
+    shuffles and no barrier (and 5 more for the rest).
 
     The next token's index, row, weight and g_n are loaded before this token's work (their latency overlaps it);
     the row change is a branch on a scalar, uniform across the warp.
@@ -296,34 +300,67 @@ def chunk_grad_kernel(
     if steps > 0:
         offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        walk_ptr += (k.to(INDEX) * N + start) * WALK_FIELDS  # the segment's steps, contiguous
         g_ptrs = grad_y_ptr + offs_h
         table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
+        if REST_H:  # the features after the block, in the one program of this launch
+            offs_rest = BLOCK_H + tl.arange(0, REST_H)
+            mask_rest = offs_rest < H
+            g_rest_ptrs = grad_y_ptr + offs_rest
+            table_rest_ptrs = tables_ptr + tl.max_contiguous(offs_rest, 4)
+        walk_ptr += (k.to(INDEX) * N + start) * WALK_FIELDS  # the segment's steps, contiguous
 
         n, row, w = _walk_step(walk_ptr, ACC)
         g = _load_features(g_ptrs + n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+        if REST_H:
+            g_rest = tl.load(g_rest_ptrs + n.to(INDEX) * stride_gn, mask=mask_rest, other=0.0).to(ACC)
         if GRAD_WEIGHTS:
             partial_ptr += (h_block.to(INDEX) * tl.num_programs(0) + k) * N
             gathered = _widen(_load_features(table_ptrs + row.to(INDEX) * stride_tr, mask_h, EVEN_H), ACC)
+            if REST_H:
+                rows_rest = table_rest_ptrs + row.to(INDEX) * stride_tr
+                gathered_rest = _widen(tl.load(rows_rest, mask=mask_rest, other=0.0), ACC)
         if GRAD_TABLES:
             slice_ptrs = grad_tables_ptr + offs_h
             total = tl.zeros((BLOCK_H,), dtype=ACC)
+            if REST_H:
+                slice_rest_ptrs = grad_tables_ptr + offs_rest
+                total_rest = tl.zeros((REST_H,), dtype=ACC)
         for p in tl.range(1, steps, loop_unroll_factor=4):  # loads step p, finishes step p − 1
             next_n, next_row, next_w = _walk_step(walk_ptr + p * WALK_FIELDS, ACC)
             next_g = _load_features(g_ptrs + next_n.to(INDEX) * stride_gn, mask_h, EVEN_H).to(ACC)
+            if REST_H:
+                next_g_rest = tl.load(g_rest_ptrs + next_n.to(INDEX) * stride_gn, mask=mask_rest, other=0.0)
             if GRAD_WEIGHTS:
-                tl.store(partial_ptr + n, tl.sum(g * gathered))
+                product = tl.sum(g * gathered)
+                if REST_H:
+                    product += tl.sum(g_rest * gathered_rest)
+                tl.store(partial_ptr + n, product)
             if GRAD_TABLES:
                 total += w * g
+                if REST_H:
+                    total_rest += w * g_rest
             if next_row != row:  # once per distinct row
                 if GRAD_TABLES:
                     tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total, mask=mask_h)
                     total = tl.zeros((BLOCK_H,), dtype=ACC)
+                    if REST_H:
+                        tl.store(slice_rest_ptrs + row.to(INDEX) * stride_gtr, total_rest, mask=mask_rest)
+                        total_rest = tl.zeros((REST_H,), dtype=ACC)
                 if GRAD_WEIGHTS:
                     next_rows = table_ptrs + next_row.to(INDEX) * stride_tr
                     gathered = _widen(_load_features(next_rows, mask_h, EVEN_H), ACC)
+                    if REST_H:
+                        next_rows = table_rest_ptrs + next_row.to(INDEX) * stride_tr
+                        gathered_rest = _widen(tl.load(next_rows, mask=mask_rest, other=0.0), ACC)
             n, row, w, g = next_n, next_row, next_w, next_g
+            if REST_H:
+                g_rest = next_g_rest.to(ACC)
         if GRAD_WEIGHTS:
-            tl.store(partial_ptr + n, tl.sum(g * gathered))
+            product = tl.sum(g * gathered)
+            if REST_H:
+                product += tl.sum(g_rest * gathered_rest)
+            tl.store(partial_ptr + n, product)
         if GRAD_TABLES:
             tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total + w * g, mask=mask_h)
+            if REST_H:
+                tl.store(slice_rest_ptrs + row.to(INDEX) * stride_gtr, total_rest + w * g_rest, mask=mask_rest)
