@@ -208,7 +208,9 @@ def merge_update(previous: dict[str, Any], update: dict[str, Any]) -> dict[str, 
     merged["targets"] = evaluate_targets(merged["sections"])
     merged["headline"] = headline_ratios(merged["sections"])
     record = {"sections": names, "created": update["created"], "git_commit": update["machine"]["git_commit"]}
-    merged["updates"] = [*previous.get("updates", []), record]
+    # An earlier update's sections that this one re-runs no longer come from it.
+    earlier = [u | {"sections": [n for n in u["sections"] if n not in names]} for u in previous.get("updates", [])]
+    merged["updates"] = [*(u for u in earlier if u["sections"]), record]
     return merged
 
 

@@ -192,6 +192,10 @@ def test_update_reruns_only_the_named_sections(quick_run, tmp_path):
     assert after["headline"]["training_tokens_per_s"] == after["sections"]["training"]["ratio"]
     assert f"re-run later with `--update`: training on {update['created']}" in (output_dir / "latest.md").read_text()
 
+    rerun = {"sections": {"training": after["sections"]["training"]}, "section_seconds": {"training": 1.0}}
+    again = merge_update(after, after | rerun)
+    assert [u["sections"] for u in again["updates"]] == [["training"]]  # the re-run replaces the earlier record
+
     missing = run_quick(tmp_path / "empty", ["training", "--update"])
     assert missing.returncode == 2 and "no report at" in missing.stderr
     with pytest.raises(ValueError, match="same schema and mode"):
