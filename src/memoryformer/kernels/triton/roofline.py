@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memoryformer.kernels.triton import TABLE_BLOCK_H
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -104,14 +106,13 @@ def forward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_
 
 
 SORT_BYTES = 96  # per (token, chunk): ~4 radix passes reading and writing an int32 key and an int64 index (estimate)
-WALK_BLOCK = 512  # features per walk program (memoryformer.kernels.triton.TABLE_BLOCK_H)
 
 
 def backward_traffic(shape: LayerShape, num_tokens: int, table_bytes: int = 2, x_bytes: int = 4) -> Traffic:
     n, k, h, tau = num_tokens, shape.num_chunks, shape.out_features, shape.tau
     touched_rows = min(n, 2**tau) * k
     table_grad = k * 2**tau * h * 4
-    blocks = -(-h // WALK_BLOCK)
+    blocks = max(1, h // TABLE_BLOCK_H)  # the walk's feature blocks (a rest rides in the last)
     compulsory = (
         n * h * 4  # grad_y
         + 2 * n * k * tau * x_bytes  # x, grad_x
