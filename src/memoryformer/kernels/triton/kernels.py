@@ -249,6 +249,15 @@ def _walk_step(step_ptr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _weight_gradient(g, gathered, g_rest, gathered_rest, REST_H: tl.constexpr):
+    """⟨g_n, T[r]⟩ over a walk block and its rest: ∂L/∂w_{n,k} before the blocks are summed."""
+    product = tl.sum(g * gathered)
+    if REST_H:
+        product += tl.sum(g_rest * gathered_rest)
+    return product
+
+
+@triton.jit
 def chunk_grad_kernel(
     walk_ptr,
     segments_ptr,
@@ -302,6 +311,7 @@ def chunk_grad_kernel(
         mask_h = offs_h < H
         g_ptrs = grad_y_ptr + offs_h
         table_ptrs = tables_ptr + tl.max_contiguous(offs_h, 4)  # 4 per load: the layout of the fp32 vectors
+        g_rest, gathered_rest = None, None  # without a rest: never assigned, and unused
         if REST_H:  # the features after the block, in the one program of this launch
             offs_rest = BLOCK_H + tl.arange(0, REST_H)
             mask_rest = offs_rest < H
@@ -331,10 +341,7 @@ def chunk_grad_kernel(
             if REST_H:
                 next_g_rest = tl.load(g_rest_ptrs + next_n.to(INDEX) * stride_gn, mask=mask_rest, other=0.0)
             if GRAD_WEIGHTS:
-                product = tl.sum(g * gathered)
-                if REST_H:
-                    product += tl.sum(g_rest * gathered_rest)
-                tl.store(partial_ptr + n, product)
+                tl.store(partial_ptr + n, _weight_gradient(g, gathered, g_rest, gathered_rest, REST_H))
             if GRAD_TABLES:
                 total += w * g
                 if REST_H:
@@ -356,10 +363,7 @@ def chunk_grad_kernel(
             if REST_H:
                 g_rest = next_g_rest.to(ACC)
         if GRAD_WEIGHTS:
-            product = tl.sum(g * gathered)
-            if REST_H:
-                product += tl.sum(g_rest * gathered_rest)
-            tl.store(partial_ptr + n, product)
+            tl.store(partial_ptr + n, _weight_gradient(g, gathered, g_rest, gathered_rest, REST_H))
         if GRAD_TABLES:
             tl.store(slice_ptrs + row.to(INDEX) * stride_gtr, total + w * g, mask=mask_h)
             if REST_H:
