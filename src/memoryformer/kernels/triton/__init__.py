@@ -63,10 +63,9 @@ VALUES_PER_THREAD = 4  # fp32 × 4 = one 128-bit load per thread and gathered ro
 FORWARD_VALUES_PER_THREAD = 64
 FORWARD_BLOCK_H = 512
 # chunk_grad_kernel's feature block: 1 warp × 32 threads × 16 fp32 values (four 128-bit loads of g_n per token).
-# Warp instructions per 1k terms with fp32 / bf16 tables (sm_80, h = 1536, the walk by row): 512 features 118 / 119;
-# 256: 167 / 168; 128: 253 / 254 (the per-token ∂w sum across the warp, 5 shuffles and adds, and the token's loads
-# and addresses are paid per block). Wider blocks (32 values per thread) halve the programs, and each program walks
-# every token serially: the walk has few programs already (K·h/512: 192 for mf-tiny's QKV).
+# Warp instructions per 1k terms with fp32 / bf16 tables (sm_80, h = 1536, the walk by row, one segment): 512
+# features 118 / 119; 256: 167 / 168; 128: 253 / 254 (a token's loads and addresses and ∂w's sum across the warp,
+# 5 shuffles and adds, are paid once per block, so wider blocks cost less per term).
 TABLE_BLOCK_H = 512
 # The walk's programs: (chunk, feature block, segment of rows). One program per (chunk, feature block) is 192 for
 # mf-tiny's QKV, a warp or two per SM walking 16k tokens each, bound by memory latency; segments of rows make it
