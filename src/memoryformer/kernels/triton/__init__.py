@@ -98,15 +98,6 @@ class FeatureRange(NamedTuple):
     block_h: int
 
 
-def _feature_block(out_features: int, widest: int) -> int:
-    """The widest power-of-two feature block ≤ ``widest`` that divides h (unmasked loads), if one ≥ 64 does."""
-    block = min(widest, max(16, triton.next_power_of_2(out_features)))
-    dividing = block
-    while out_features % dividing and dividing > 64:
-        dividing //= 2
-    return dividing if out_features % dividing == 0 else block
-
-
 def _warps(block_elements: int) -> int:
     """Warps that give each thread VALUES_PER_THREAD values of a tile: 1 for a decode tile, 4 at most."""
     return max(1, min(4, block_elements // (32 * VALUES_PER_THREAD)))
